@@ -1,0 +1,187 @@
+"""BentoML services: SiglipGateway (HTTP API, async, CPU) -> SiglipModel (one worker per GPU, batched encoders).
+
+The gateway parses requests, fetches and decodes images and scores results (``siglip.engine``); it never imports
+torch. The model service owns the checkpoint and exposes adaptive-batching ``encode_images`` (uint8 pixels) and
+``encode_texts`` APIs. Both are configured by ``SIGLIP_*`` environment variables (``siglip.settings``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import bentoml
+import httpx
+import numpy as np
+from bentoml.exceptions import BentoMLException
+from pydantic import Field
+
+from siglip.engine import Engine
+from siglip.errors import NotReady, Overloaded
+from siglip.fetch import Fetcher, FetchPolicy
+from siglip.http import RequestGuard, answer
+from siglip.settings import get_settings
+
+# BentoML's logging setup leaves the root logger at WARNING: give our own loggers a level so the
+# "loaded model" and error lines are printed.
+logging.getLogger("siglip").setLevel(logging.INFO)
+logger = logging.getLogger("siglip.service")
+
+settings = get_settings()
+API_ROUTES = ("/", "/zero_shot", "/image_embedding", "/text_embedding", "/similarity")
+
+image = bentoml.images.Image(python_version="3.11").requirements_file("requirements.txt")
+
+
+@bentoml.service(
+    name="SiglipModel",
+    image=image,
+    workers=1,
+    traffic={"timeout": settings.request_timeout_s + 30},
+    # Work around bentoml#5540: the caller's connection is otherwise replaced every 100 calls while other
+    # calls are in flight, and those fail with "Cannot write to closing transport".
+    runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
+)
+class SiglipModel:
+    def __init__(self) -> None:
+        from siglip.encoder import SiglipEncoder
+
+        logging.getLogger("siglip").disabled = False
+        worker = bentoml.server_context.worker_index or 1
+        self.encoder = SiglipEncoder(settings.model, settings.device, settings.dtype, worker_index=worker,
+                                     compile=settings.compile)
+        self.encoder.start_loading()
+
+    def __is_ready__(self) -> bool:
+        return self.encoder.ready.is_set()
+
+    @bentoml.api
+    async def info(self) -> dict:
+        """Loading state and, once loaded, the checkpoint's image size, embedding size and logit scale/bias."""
+        return self.encoder.status()
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=settings.max_batch_size,
+                 max_latency_ms=settings.max_latency_ms)
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels (N, H, W, 3) at the checkpoint's size -> L2-normalized embeddings (N, D)."""
+        return self.encoder.encode_images(pixels)
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=settings.max_texts_per_request,
+                 max_latency_ms=settings.max_latency_ms)
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> L2-normalized embeddings (N, D)."""
+        return self.encoder.encode_texts(texts)
+
+
+class BentoModelClient:
+    """``siglip.engine.ModelClient`` over a BentoML dependency, retrying the idempotent calls on broken
+    connections and mapping the batcher's 503 to an overload answer."""
+
+    RETRIES = 2
+
+    def __init__(self, proxy: Any):
+        self._proxy = proxy
+
+    async def status(self) -> dict:
+        return await self._call("info")
+
+    async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        return await self._call("encode_images", pixels)
+
+    async def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return await self._call("encode_texts", texts)
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        for attempt in range(self.RETRIES + 1):
+            try:
+                return await getattr(self._proxy.to_async, name)(*args)
+            except BentoMLException as exc:
+                if int(getattr(exc, "error_code", 500)) == 503:
+                    if name == "info":
+                        raise NotReady("model service is not reachable yet; retry shortly") from None
+                    raise Overloaded("model queue is full (SIGLIP_MAX_LATENCY_MS); retry shortly") from None
+                raise
+            except (httpx.TransportError, RuntimeError) as exc:
+                if attempt == self.RETRIES or (isinstance(exc, RuntimeError) and "transport" not in str(exc)):
+                    raise
+                logger.warning("retrying %s after a broken connection: %s", name, exc)
+
+
+INPUTS = Field(None, description="An image (http(s) URL, base64, or data URI), a text, a list of either, or "
+                                 '{"image"|"images": ..., "text"|"texts": ...} for similarity',
+               examples=["a photo of a cat"])
+PARAMETERS = Field(None, description='{"mode": ..., "candidate_labels": [...], "hypothesis_template": ..., '
+                                     '"function_to_apply": "softmax"|"sigmoid"|"none", "top_k": int}; all optional',
+                   examples=[{"mode": "text_embedding"}])
+
+
+@bentoml.service(
+    name="SiglipGateway",
+    image=image,
+    workers=settings.gateway_workers,
+    traffic={"timeout": settings.request_timeout_s + 10},
+)
+class SiglipGateway:
+    model = bentoml.depends(SiglipModel)
+
+    def __init__(self) -> None:
+        logging.getLogger("siglip").disabled = False
+        from bentoml.metrics import Counter
+
+        hits = Counter(name="siglip_text_cache_hits", documentation="Text embeddings served from the cache")
+        misses = Counter(name="siglip_text_cache_misses", documentation="Text embeddings computed by the model")
+
+        def on_cache(h: int, m: int) -> None:
+            if h:
+                hits.inc(h)
+            if m:
+                misses.inc(m)
+
+        self.fetcher = Fetcher(FetchPolicy.from_settings(settings))
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="siglip-decode")
+        self.engine = Engine(settings, BentoModelClient(self.model), self.fetcher, self.pool, on_cache=on_cache)
+        logger.info("Gateway worker %s ready (pid %d): %r", bentoml.server_context.worker_index, os.getpid(),
+                    settings)
+
+    @bentoml.on_shutdown
+    async def _close(self) -> None:
+        await self.fetcher.aclose()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _serve(self, mode: str | None, inputs: Any, parameters: Any) -> Any:
+        return await answer(lambda: self.engine.run(inputs, parameters, mode))
+
+    @bentoml.api(route="/")
+    async def infer(self, inputs: Any = INPUTS, parameters: Optional[dict[str, Any]] = PARAMETERS) -> Any:
+        """Any mode: auto-detected from the inputs, or set with parameters.mode."""
+        return await self._serve(None, inputs, parameters)
+
+    @bentoml.api
+    async def zero_shot(self, inputs: Any = INPUTS, parameters: Optional[dict[str, Any]] = PARAMETERS) -> Any:
+        """Classify image(s) against parameters.candidate_labels: [{"label", "score"}] sorted by score."""
+        return await self._serve("zero_shot", inputs, parameters)
+
+    @bentoml.api
+    async def image_embedding(self, inputs: Any = INPUTS,
+                              parameters: Optional[dict[str, Any]] = PARAMETERS) -> Any:
+        """L2-normalized image embeddings: [{"embedding": [...]}], one per image."""
+        return await self._serve("image_embedding", inputs, parameters)
+
+    @bentoml.api
+    async def text_embedding(self, inputs: Any = INPUTS,
+                             parameters: Optional[dict[str, Any]] = PARAMETERS) -> Any:
+        """L2-normalized text embeddings: [{"embedding": [...]}], one per text."""
+        return await self._serve("text_embedding", inputs, parameters)
+
+    @bentoml.api
+    async def similarity(self, inputs: Any = INPUTS, parameters: Optional[dict[str, Any]] = PARAMETERS) -> Any:
+        """Cosine similarities of images x texts: {"similarity_scores", "image_count", "text_count"}."""
+        return await self._serve("similarity", inputs, parameters)
+
+
+SiglipGateway.add_asgi_middleware(
+    RequestGuard, api_paths=frozenset(API_ROUTES), tokens=settings.api_token,
+    max_body_bytes=settings.max_body_bytes, max_concurrency=settings.max_concurrency,
+)

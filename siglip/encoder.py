@@ -1,0 +1,192 @@
+"""Model loading and encoding: the only module of the service that imports torch.
+
+``SiglipEncoder`` loads a SigLIP checkpoint (hub id or local directory) with the Auto classes, in a background
+thread, and encodes uint8 pixel batches and text batches into L2-normalized ``pooler_output`` embeddings.
+Rescale and normalization run on the model's device so only uint8 pixels cross process boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .text import tokenize
+
+logger = logging.getLogger("siglip.encoder")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the gateway needs to know about the loaded checkpoint (sent to it once, as a dict)."""
+
+    model: str
+    device: str
+    dtype: str
+    image_height: int
+    image_width: int
+    resample: int
+    embed_dim: int
+    logit_scale: float  # raw parameter; logits use exp(logit_scale)
+    logit_bias: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls are then ~3x faster than fp32 on CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def resolve_device(requested: str, worker_index: int = 1) -> str:
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
+        return "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"SIGLIP_DEVICE={requested} but CUDA is not available")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str):
+    import torch
+
+    if requested == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return getattr(torch, requested)
+
+
+class SiglipEncoder:
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", worker_index: int = 1,
+                 compile: bool = False, warmup_batch_sizes: Sequence[int] = (1,)):
+        self.model_id = model
+        self._requested = (device, dtype, worker_index, compile)
+        self._warmup_sizes = tuple(warmup_batch_sizes)
+        self.info: ModelInfo | None = None
+        self.error: str | None = None
+        self.ready = threading.Event()
+        self.load_seconds = 0.0
+        self.warmup_seconds = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start_loading(self) -> threading.Thread:
+        thread = threading.Thread(target=self.load, name="siglip-model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def load(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - any failure must surface as "not ready, because ..."
+            self.error = f"loading {self.model_id} failed: {type(exc).__name__}: {exc}"
+            logger.exception("Model %s failed to load; the service stays not-ready", self.model_id)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+        device_req, dtype_req, worker_index, use_compile = self._requested
+        t0 = time.perf_counter()
+        device = resolve_device(device_req, worker_index)
+        dtype = resolve_dtype(dtype_req, device)
+        logger.info("Loading %s on %s (%s)...", self.model_id, device, str(dtype).removeprefix("torch."))
+        model = AutoModel.from_pretrained(self.model_id, dtype=dtype, attn_implementation="sdpa")
+        for method in ("get_image_features", "get_text_features"):
+            if not hasattr(model, method):
+                raise TypeError(f"{type(model).__name__} is not a SigLIP-style dual encoder (no {method})")
+        model = model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(self.model_id)
+        # The text embedding is read at the last position: padding must be on the right (the hub file says so;
+        # Gemma's class default is left).
+        tokenizer.padding_side = "right"
+        processor = AutoImageProcessor.from_pretrained(self.model_id)
+
+        height, width = _processor_size(processor)
+        scale = float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 1.0
+        if getattr(processor, "do_normalize", True):
+            mean = torch.tensor(processor.image_mean, dtype=torch.float32)
+            std = torch.tensor(processor.image_std, dtype=torch.float32)
+        else:
+            mean, std = torch.zeros(3), torch.ones(3)
+        # (x * scale - mean) / std folded into one multiply-add, done on the device in fp32.
+        self._pixel_mul = (scale / std).view(1, 3, 1, 1).to(device)
+        self._pixel_add = (-mean / std).view(1, 3, 1, 1).to(device)
+
+        self._torch = torch
+        self._model = model
+        self._tokenizer = tokenizer
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self._vision = model.get_image_features
+        self._text = model.get_text_features
+        if use_compile:
+            self._vision = torch.compile(model.get_image_features, dynamic=False)
+        embed_dim = int(model.config.vision_config.hidden_size)
+        self.info = ModelInfo(
+            model=self.model_id, device=device, dtype=str(dtype).removeprefix("torch."),
+            image_height=height, image_width=width, resample=int(getattr(processor, "resample", 2)),
+            embed_dim=embed_dim, logit_scale=float(model.logit_scale.detach().float().cpu()),
+            logit_bias=float(model.logit_bias.detach().float().cpu()),
+        )
+        self.load_seconds = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        for n in self._warmup_sizes:
+            self.encode_images(np.zeros((n, height, width, 3), dtype=np.uint8))
+        self.encode_texts(["warm-up"])
+        self.warmup_seconds = time.perf_counter() - t1
+        self.ready.set()
+        logger.info("Loaded %s on %s (%s): %dx%d images, %d-dim embeddings; load %.1f s, warm-up %.1f s",
+                    self.model_id, device, self.info.dtype, height, width, embed_dim, self.load_seconds,
+                    self.warmup_seconds)
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": self.ready.is_set(), "error": self.error,
+                "info": self.info.to_dict() if self.ready.is_set() and self.info else None}
+
+    # -- encoding -------------------------------------------------------------------------------------------
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, D), L2-normalized."""
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(pixels))
+            if self._device.type == "cuda":
+                x = x.pin_memory().to(self._device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2).float().mul_(self._pixel_mul).add_(self._pixel_add).to(self._dtype)
+            return self._finish(self._vision(pixel_values=x))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """texts -> float32 (N, D), L2-normalized (lowercased, 64-token max_length padding, no mask)."""
+        torch = self._torch
+        ids = torch.from_numpy(tokenize(self._tokenizer, texts)).to(self._device)
+        with torch.inference_mode():
+            return self._finish(self._text(input_ids=ids))
+
+    def _finish(self, out: Any) -> np.ndarray:
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        feats = self._torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy()
+
+
+def _processor_size(processor: Any) -> tuple[int, int]:
+    size = processor.size
+    get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
+    height, width = get("height"), get("width")
+    if height and width:
+        return int(height), int(width)
+    raise ValueError(f"image processor size {size!r} is not a fixed height/width; this service expects a "
+                     "fixed-resolution SigLIP checkpoint")

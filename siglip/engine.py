@@ -1,0 +1,147 @@
+"""The request path shared by every endpoint: parse -> load images / embed texts (concurrently) -> score.
+
+    Engine.run(inputs, parameters, endpoint_mode) -> JSON bytes
+      requests.parse_request        decide the mode, validate, name offending items
+      fetch / images (decode pool)  URLs and base64 -> uint8 pixels at the checkpoint's size
+      ModelClient.encode_*          the model service (batched across requests)
+      scoring                       cosine, logits, softmax/sigmoid, ranking
+
+The model is reached through ``ModelClient`` (three async methods), so the engine never imports BentoML or
+torch and the service layer stays thin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import orjson
+
+from . import scoring
+from .errors import BadRequest, DeadlineExceeded, NotReady
+from .fetch import Fetcher
+from .images import ImageSpec, is_http_url, load_image_string, load_pixels, url_scheme
+from .requests import ImageInput, Limits, ParsedRequest, parse_request
+from .settings import Settings
+from .textcache import TextEmbeddingCache
+
+logger = logging.getLogger("siglip.engine")
+
+
+class ModelClient(Protocol):
+    async def status(self) -> dict[str, Any]: ...
+    async def encode_images(self, pixels: np.ndarray) -> np.ndarray: ...
+    async def encode_texts(self, texts: list[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """The gateway's copy of the model's ModelInfo."""
+
+    image: ImageSpec
+    logit_scale: float
+    logit_bias: float
+    embed_dim: int
+
+
+class Engine:
+    def __init__(self, settings: Settings, client: ModelClient, fetcher: Fetcher, decode_pool: Executor,
+                 on_cache: Callable[[int, int], None] | None = None):
+        self.settings = settings
+        self.client = client
+        self.fetcher = fetcher
+        self.pool = decode_pool
+        self.limits = Limits(settings.max_images_per_request, settings.max_texts_per_request,
+                             settings.max_text_chars)
+        self.cache = TextEmbeddingCache(settings.text_cache_size)
+        self._on_cache = on_cache
+        self._model: ModelView | None = None
+
+    async def run(self, inputs: Any, parameters: Any, endpoint_mode: str | None = None) -> bytes:
+        request = parse_request(inputs, parameters, endpoint_mode, self.limits)
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                return orjson.dumps(await self.answer(request), option=orjson.OPT_SERIALIZE_NUMPY)
+        except TimeoutError:
+            raise DeadlineExceeded(f"request took longer than {self.settings.request_timeout_s:g} s "
+                                   "(SIGLIP_REQUEST_TIMEOUT_S)") from None
+
+    async def answer(self, request: ParsedRequest) -> Any:
+        model = await self.model()
+        image_embeds, text_embeds = await asyncio.gather(
+            self.embed_images(request.images, model), self.embed_texts(request.texts))
+        return build_response(request, image_embeds, text_embeds, model)
+
+    async def model(self) -> ModelView:
+        if self._model is None:
+            status = await self.client.status()
+            if not status.get("ready"):
+                raise NotReady(status.get("error") or "model is still loading; retry shortly")
+            info = status["info"]
+            self._model = ModelView(
+                image=ImageSpec(info["image_height"], info["image_width"], info["resample"],
+                                self.settings.jpeg_draft_factor),
+                logit_scale=info["logit_scale"], logit_bias=info["logit_bias"], embed_dim=info["embed_dim"])
+        return self._model
+
+    async def embed_images(self, images: Sequence[ImageInput], model: ModelView) -> np.ndarray | None:
+        if not images:
+            return None
+        fetch_slots = asyncio.Semaphore(self.settings.max_parallel_fetches)
+        pixels = await gather_or_cancel([self._load(item, model.image, fetch_slots) for item in images])
+        return await self.client.encode_images(np.stack(pixels))
+
+    async def _load(self, item: ImageInput, spec: ImageSpec, fetch_slots: asyncio.Semaphore) -> np.ndarray:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        if is_http_url(item.value):
+            async with fetch_slots:
+                data = await self.fetcher.fetch(item.value, item.where)
+            return await loop.run_in_executor(self.pool, load_pixels, data, f"{item.where} ({item.value})", spec,
+                                              s.max_image_pixels)
+        scheme = url_scheme(item.value)
+        if scheme is not None:
+            raise BadRequest(f"{item.where}: only http and https URLs are supported, not {scheme}://")
+        return await loop.run_in_executor(self.pool, load_image_string, item.value, item.where, spec,
+                                          s.max_image_bytes, s.max_image_pixels)
+
+    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray | None:
+        if not texts:
+            return None
+        hits, misses = self.cache.hits, self.cache.misses
+        embeds = await self.cache.embed(texts, self.client.encode_texts)
+        if self._on_cache is not None:
+            self._on_cache(self.cache.hits - hits, self.cache.misses - misses)
+        return embeds
+
+
+async def gather_or_cancel(coros: Sequence[Any]) -> list[Any]:
+    """Like gather, but the first failure cancels the rest (a bad image need not wait for slow URLs)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def build_response(request: ParsedRequest, image_embeds: np.ndarray | None, text_embeds: np.ndarray | None,
+                   model: ModelView) -> Any:
+    mode = request.mode
+    if mode == "image_embedding":
+        return [{"embedding": row} for row in image_embeds]
+    if mode == "text_embedding":
+        return [{"embedding": row} for row in text_embeds]
+    cosine = scoring.cosine_matrix(image_embeds, text_embeds)
+    if mode == "similarity":
+        return {"similarity_scores": cosine, "image_count": cosine.shape[0], "text_count": cosine.shape[1]}
+    p = request.params
+    scores = scoring.zero_shot_scores(cosine, model.logit_scale, model.logit_bias, p.function_to_apply)
+    ranked = [scoring.rank_labels(request.labels, row, p.top_k) for row in scores]
+    return ranked if request.batched else ranked[0]

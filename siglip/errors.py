@@ -1,0 +1,55 @@
+"""Errors a request can end in, each carrying the HTTP status it maps to.
+
+    ServiceError                 any failure answered as {"error": message}
+    ├── BadRequest          400  the client sent something we cannot use (names the offending item)
+    │   └── FetchError      400  an image URL could not be fetched (names the URL and the reason)
+    ├── Unauthorized        401  missing or wrong bearer token
+    ├── PayloadTooLarge     413  body over SIGLIP_MAX_BODY_BYTES
+    ├── Overloaded          429  too many requests in flight (with Retry-After)
+    ├── NotReady            503  model still loading, or failed to load (with the reason)
+    └── DeadlineExceeded    504  the request ran past SIGLIP_REQUEST_TIMEOUT_S
+
+Lower layers raise these; only the HTTP layer turns them into responses (``to_response``).
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 500
+    headers: dict[str, str] = {}
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class FetchError(BadRequest):
+    pass
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+
+
+class Overloaded(ServiceError):
+    status = 429
+    headers = {"Retry-After": "1"}
+
+
+class NotReady(ServiceError):
+    status = 503
+    headers = {"Retry-After": "5"}
+
+
+class DeadlineExceeded(ServiceError):
+    status = 504

@@ -1,0 +1,173 @@
+"""The HTTP edge: one ASGI middleware in front of the BentoML app, and error -> response mapping.
+
+``RequestGuard`` runs before BentoML parses anything, because BentoML's own parsing turns malformed JSON into
+a 500 or an opaque validation error and cannot tell a missing field from null. In order, for API calls:
+bearer auth (401), in-flight limit (429), body size (413), JSON well-formedness and shape (400). The body is
+then replayed to BentoML. While the request runs, the guard watches the connection: if the client goes away,
+the request's task is cancelled so no work is done for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from typing import Any, Awaitable, Callable
+
+import orjson
+from starlette.responses import Response
+
+from .errors import BadRequest, Overloaded, PayloadTooLarge, ServiceError, Unauthorized
+
+logger = logging.getLogger("siglip.http")
+
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(content=body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(exc: ServiceError) -> Response:
+    return json_response(orjson.dumps({"error": exc.message}), exc.status, dict(exc.headers))
+
+
+async def answer(run: Callable[[], Awaitable[bytes]]) -> Response:
+    """Run one API call; every ServiceError becomes its status + {"error": ...}, anything else a logged 500."""
+    try:
+        return json_response(await run())
+    except ServiceError as exc:
+        if exc.status >= 500:
+            logger.warning("answered %d: %s", exc.status, exc.message)
+        return error_response(exc)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: log it, answer a JSON 500
+        logger.exception("unexpected error")
+        return json_response(orjson.dumps({"error": f"internal error: {type(exc).__name__}"}), 500)
+
+
+def check_body(body: bytes) -> None:
+    """The body must be a JSON object with "inputs" (and "parameters", if any, an object)."""
+    if not body.strip():
+        raise BadRequest('request body is empty; send JSON like {"inputs": ..., "parameters": {...}}')
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest('request body must be a JSON object like {"inputs": ..., "parameters": {...}}')
+    if "inputs" not in data:
+        raise BadRequest('"inputs" is required: send {"inputs": ..., "parameters": {...}}')
+    params = data.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise BadRequest("parameters must be a JSON object")
+
+
+def token_ok(header: str | None, tokens: tuple[str, ...]) -> bool:
+    if not header or not header[:7].lower() == "bearer ":
+        return False
+    given = header[7:].strip().encode()
+    # Compare against every token (no early exit), each in constant time.
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(given, token.encode())
+    return ok
+
+
+class RequestGuard:
+    def __init__(self, app: Any, api_paths: frozenset[str], tokens: tuple[str, ...] = (),
+                 max_body_bytes: int = 64 * 1024 * 1024, max_concurrency: int = 256):
+        self.app = app
+        self.api_paths = api_paths
+        self.tokens = tokens
+        self.max_body_bytes = max_body_bytes
+        self.max_concurrency = max_concurrency
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if self.tokens and path not in OPEN_PATHS:
+            headers = dict(scope.get("headers") or [])
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            if not token_ok(auth, self.tokens):
+                return await _send_error(send, Unauthorized("missing or invalid bearer token (Authorization: "
+                                                            "Bearer <token>)"))
+        if scope.get("method") != "POST" or path not in self.api_paths:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_concurrency:
+            return await _send_error(send, Overloaded(f"server is busy ({self.in_flight} requests in flight, "
+                                                      "SIGLIP_MAX_CONCURRENCY); retry shortly"))
+        self.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            body = await self._read_body(scope, receive)
+            check_body(body)
+        except ServiceError as exc:
+            return await _send_error(send, exc)
+        # BentoML picks its parser by Content-Type; `curl -d` sends form-urlencoded, so declare JSON.
+        headers = [(k, v) for k, v in scope.get("headers", []) if k not in (b"content-type", b"content-length")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        scope = dict(scope, headers=headers)
+
+        disconnected = asyncio.Event()
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
+
+        app_task = asyncio.ensure_future(self.app(scope, replay, send))
+        watch = asyncio.ensure_future(receive())
+        try:
+            done, _ = await asyncio.wait({app_task, watch}, return_when=asyncio.FIRST_COMPLETED)
+            client_gone = app_task not in done and watch.result().get("type") == "http.disconnect"
+            if client_gone:
+                disconnected.set()
+                app_task.cancel()
+                logger.info("client went away; cancelled %s", scope.get("path"))
+            await asyncio.gather(app_task, return_exceptions=client_gone)
+        finally:
+            watch.cancel()
+            if not app_task.done():
+                app_task.cancel()
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        too_large = PayloadTooLarge(f"request body is over the {self.max_body_bytes / 1e6:.0f} MB limit "
+                                    "(SIGLIP_MAX_BODY_BYTES)")
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                raise too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest("client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+
+async def _send_error(send: Send, exc: ServiceError) -> None:
+    body = orjson.dumps({"error": exc.message})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

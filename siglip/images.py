@@ -1,0 +1,156 @@
+"""Image inputs: base64 / data-URI decoding, format and size checks, and the exact resize the checkpoint expects.
+
+Everything here is pure CPU work on bytes, run in the gateway's decode pool. The pixel math matches the
+checkpoint's SiglipImageProcessor (PIL backend): ``exif_transpose``, ``convert("RGB")``, a squash resize to the
+processor's size with its resample filter (bilinear for SigLIP 2), kept as uint8. Rescale and normalize happen on
+the model's device (``encoder.py``), so only uint8 pixels travel between processes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import BadRequest
+
+# Formats the API promises (MPO is how PIL names multi-picture JPEGs from phones).
+SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP"})
+FORMAT_NAMES = "JPEG, PNG, GIF, WebP or BMP"
+
+_B64_CHARS = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
+_URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What the checkpoint's image processor resizes to."""
+
+    height: int
+    width: int
+    resample: int = Image.Resampling.BILINEAR
+    # JPEG DCT-domain downscaling for photos at least this many times the target size (0 disables).
+    jpeg_draft_factor: float = 0.0
+
+
+def url_scheme(value: str) -> str | None:
+    """The lower-cased scheme of ``scheme://...`` strings, else None."""
+    m = _URL_SCHEME.match(value[:32])
+    return m.group(1).lower() if m else None
+
+
+def is_http_url(value: str) -> bool:
+    return value[:8].lower().startswith(("http://", "https://"))
+
+
+def decode_image_string(value: str, where: str, max_bytes: int) -> bytes:
+    """Raw bytes of a base64 string or ``data:[mime];base64,`` URI, refusing oversize input before decoding."""
+    payload = value
+    if value[:5].lower() == "data:":
+        header, sep, payload = value.partition(",")
+        if not sep or not header.lower().endswith(";base64"):
+            raise BadRequest(f"{where}: data URI must be of the form data:image/...;base64,<data>")
+    approx = (len(payload) * 3) // 4
+    if approx > max_bytes:
+        raise BadRequest(f"{where}: image is {approx / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit "
+                         f"(SIGLIP_MAX_IMAGE_BYTES)")
+    data = _b64decode(payload)
+    if data is None:
+        raise BadRequest(f"{where}: not a valid image URL (http/https) or base64-encoded image")
+    if not data:
+        raise BadRequest(f"{where}: image data is empty")
+    return data
+
+
+def _b64decode(payload: str) -> bytes | None:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    # Common client variations: line-wrapped (MIME), URL-safe alphabet, missing padding.
+    if not _B64_CHARS.fullmatch(payload):
+        return None
+    cleaned = "".join(payload.split()).replace("-", "+").replace("_", "/")
+    cleaned += "=" * (-len(cleaned) % 4)
+    try:
+        return base64.b64decode(cleaned, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def looks_like_image_string(value: str) -> bool:
+    """True when a (short) string is a base64 or data-URI image: its decoded bytes open as an image."""
+    if value[:5].lower() != "data:" and not _B64_CHARS.fullmatch(value):
+        return False
+    try:
+        data = decode_image_string(value, "", max_bytes=len(value))
+    except BadRequest:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.format is not None
+    except Exception:  # noqa: BLE001 - any failure to identify means "not an image"
+        return False
+
+
+def open_checked(data: bytes, where: str, max_pixels: int) -> Image.Image:
+    """Open an image lazily (header only) and refuse unsupported formats and oversized dimensions."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadRequest(f"{where}: image dimensions are over the {max_pixels / 1e6:g} megapixel limit "
+                         f"(SIGLIP_MAX_IMAGE_PIXELS)") from None
+    except Exception:  # noqa: BLE001 - PIL raises many types for garbage input
+        raise BadRequest(f"{where}: data is not a supported image ({FORMAT_NAMES})") from None
+    if img.format not in SUPPORTED_FORMATS:
+        raise BadRequest(f"{where}: image format {img.format} is not supported (use {FORMAT_NAMES})")
+    width, height = img.size
+    if width * height > max_pixels:
+        raise BadRequest(f"{where}: image is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+                         f"{max_pixels / 1e6:g} megapixel limit (SIGLIP_MAX_IMAGE_PIXELS)")
+    if width == 0 or height == 0:
+        raise BadRequest(f"{where}: image has no pixels ({width}x{height})")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied, then any mode converted to RGB, as the reference preprocessing does."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: PIL's RGB conversion clips at 255 (a white image); scale to 8 bits instead.
+        arr = np.asarray(img.convert("I"), dtype=np.int64)
+        peak = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        img = Image.fromarray((arr * 255 // max(peak, 1)).clip(0, 255).astype(np.uint8), mode="L")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def load_pixels(data: bytes, where: str, spec: ImageSpec, max_pixels: int) -> np.ndarray:
+    """Bytes -> uint8 array of shape (height, width, 3), resized exactly as the checkpoint's processor does."""
+    img = open_checked(data, where, max_pixels)
+    try:
+        if spec.jpeg_draft_factor and img.format in ("JPEG", "MPO"):
+            w, h = img.size
+            if min(w / spec.width, h / spec.height) >= spec.jpeg_draft_factor:
+                img.draft("RGB", (spec.width * 2, spec.height * 2))
+        img = to_rgb(img)
+        img = img.resize((spec.width, spec.height), resample=Image.Resampling(spec.resample))
+        return np.asarray(img, dtype=np.uint8)
+    except BadRequest:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt files fail inside PIL with assorted types
+        raise BadRequest(f"{where}: image could not be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def load_image_string(value: str, where: str, spec: ImageSpec, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """A base64/data-URI input straight to pixels (one call, so it runs as one unit in the decode pool)."""
+    return load_pixels(decode_image_string(value, where, max_bytes), where, spec, max_pixels)

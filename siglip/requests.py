@@ -1,0 +1,212 @@
+"""Request parsing and mode detection: the only place a request's mode is decided.
+
+``parse_request(inputs, parameters, endpoint_mode, limits)`` turns the JSON body into a ``ParsedRequest`` or
+raises ``BadRequest`` naming the offending item. Auto-detection (when neither the endpoint nor
+``parameters.mode`` names a mode), in this order:
+
+1. ``inputs`` is an object with ``image``/``images`` and ``text``/``texts``   -> similarity
+2. ``parameters.candidate_labels`` is present                               -> zero_shot
+3. ``inputs`` is text (a string, or a non-empty list of strings, each under 500 characters, not starting
+   with http:// or https://, and not a base64/data-URI image)               -> text_embedding
+4. otherwise                                                                 -> image_embedding
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import BadRequest
+from .images import is_http_url, looks_like_image_string
+from .schemas import MODES, Parameters
+
+TEXT_DETECTION_MAX_CHARS = 500
+MISSING_LABELS = "candidate_labels is required for zero-shot classification"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_images: int = 64
+    max_texts: int = 1024
+    max_text_chars: int = 2000
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    where: str  # how error messages name it, e.g. "inputs[2]" or "inputs.image"
+    value: str
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    mode: str
+    params: Parameters
+    images: tuple[ImageInput, ...] = ()
+    texts: tuple[str, ...] = ()  # model inputs: the texts, or the templated labels for zero_shot
+    labels: tuple[str, ...] = ()  # zero_shot: the labels as the client wrote them
+    batched: bool = False  # zero_shot: inputs was a list, so answer one list per image
+
+
+def unknown_mode(mode: Any) -> BadRequest:
+    return BadRequest(f"Unknown mode: {mode}. Supported: {', '.join(MODES)}")
+
+
+def is_text_string(value: str) -> bool:
+    return (len(value) < TEXT_DETECTION_MAX_CHARS and not is_http_url(value)
+            and not looks_like_image_string(value))
+
+
+def is_text_input(inputs: Any) -> bool:
+    if isinstance(inputs, str):
+        return is_text_string(inputs)
+    if isinstance(inputs, list) and inputs:
+        return all(isinstance(x, str) and is_text_string(x) for x in inputs)
+    return False
+
+
+def detect_mode(inputs: Any, parameters: dict[str, Any]) -> str:
+    if isinstance(inputs, dict) and inputs.keys() & {"image", "images"} and inputs.keys() & {"text", "texts"}:
+        return "similarity"
+    if "candidate_labels" in parameters:
+        return "zero_shot"
+    if is_text_input(inputs):
+        return "text_embedding"
+    return "image_embedding"
+
+
+def parse_request(inputs: Any, parameters: Any, endpoint_mode: str | None = None,
+                  limits: Limits = Limits()) -> ParsedRequest:
+    if parameters is None:
+        parameters = {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"parameters must be a JSON object, not {_json_type(parameters)}")
+
+    requested = parameters.get("mode")
+    if requested is not None and requested not in MODES:
+        raise unknown_mode(requested)
+    if endpoint_mode is not None and requested is not None and requested != endpoint_mode:
+        raise BadRequest(f"parameters.mode is {requested!r} but this endpoint is /{endpoint_mode}; "
+                         f"send it to /{requested} or to /")
+    mode = endpoint_mode or requested or detect_mode(inputs, parameters)
+
+    if mode == "zero_shot":
+        _check_labels(parameters.get("candidate_labels"), limits)
+    params = _validate_parameters(parameters)
+
+    if mode == "image_embedding":
+        images, _ = _images(inputs, "inputs", limits)
+        return ParsedRequest(mode, params, images=images)
+    if mode == "text_embedding":
+        return ParsedRequest(mode, params, texts=_texts(inputs, "inputs", limits))
+    if mode == "zero_shot":
+        images, batched = _images(inputs, "inputs", limits)
+        labels = tuple(params.candidate_labels or ())
+        return ParsedRequest(mode, params, images=images, texts=_apply_template(params.hypothesis_template, labels),
+                             labels=labels, batched=batched)
+    return _similarity(inputs, params, limits)
+
+
+def _similarity(inputs: Any, params: Parameters, limits: Limits) -> ParsedRequest:
+    if not isinstance(inputs, dict):
+        raise BadRequest('similarity needs inputs to be an object with "image" or "images" and "text" or "texts", '
+                         f"not {_json_type(inputs)}")
+    image_key = _one_of(inputs, "image", "images")
+    text_key = _one_of(inputs, "text", "texts")
+    images, _ = _images(inputs[image_key], f"inputs.{image_key}", limits)
+    texts = _texts(inputs[text_key], f"inputs.{text_key}", limits)
+    return ParsedRequest("similarity", params, images=images, texts=texts)
+
+
+def _one_of(inputs: dict, single: str, plural: str) -> str:
+    present = [k for k in (single, plural) if k in inputs]
+    if not present:
+        raise BadRequest(f"similarity needs inputs.{single} or inputs.{plural}")
+    if len(present) == 2:
+        raise BadRequest(f"send either inputs.{single} or inputs.{plural}, not both")
+    return present[0]
+
+
+def _check_labels(labels: Any, limits: Limits) -> None:
+    if labels is None:
+        raise BadRequest(MISSING_LABELS)
+    if not isinstance(labels, list):
+        raise BadRequest(f"candidate_labels must be a list of strings, not {_json_type(labels)}")
+    if not labels:
+        raise BadRequest("candidate_labels must not be empty")
+    if len(labels) > limits.max_texts:
+        raise BadRequest(f"{len(labels)} candidate_labels, over the limit of {limits.max_texts} "
+                         "(SIGLIP_MAX_TEXTS_PER_REQUEST)")
+    for i, label in enumerate(labels):
+        if not isinstance(label, str):
+            raise BadRequest(f"candidate_labels[{i}] must be a string, not {_json_type(label)}")
+        if len(label) > limits.max_text_chars:
+            raise BadRequest(f"candidate_labels[{i}] is {len(label)} characters, over the limit of "
+                             f"{limits.max_text_chars} (SIGLIP_MAX_TEXT_CHARS)")
+
+
+def _validate_parameters(parameters: dict[str, Any]) -> Parameters:
+    try:
+        return Parameters.model_validate(parameters)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise BadRequest(f"parameters.{loc}: {first['msg']}") from None
+
+
+def _apply_template(template: str, labels: tuple[str, ...]) -> tuple[str, ...]:
+    if "{}" not in template:
+        raise BadRequest("hypothesis_template must contain {} where the label goes")
+    try:
+        return tuple(template.format(label) for label in labels)
+    except (IndexError, KeyError, ValueError) as exc:
+        raise BadRequest(f"hypothesis_template could not be applied: {type(exc).__name__}: {exc}") from None
+
+
+def _images(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInput, ...], bool]:
+    if isinstance(value, str):
+        items, batched = [(name, value)], False
+    elif isinstance(value, list):
+        if not value:
+            raise BadRequest(f"{name} must not be an empty list")
+        items, batched = [(f"{name}[{i}]", v) for i, v in enumerate(value)], True
+    else:
+        raise BadRequest(f"Unsupported image input type: {type(value)}")
+    if len(items) > limits.max_images:
+        raise BadRequest(f"{len(items)} images in one request, over the limit of {limits.max_images} "
+                         "(SIGLIP_MAX_IMAGES_PER_REQUEST)")
+    for where, v in items:
+        if not isinstance(v, str):
+            raise BadRequest(f"Unsupported image input type: {type(v)} ({where})")
+        if not v.strip():
+            raise BadRequest(f"{where}: empty string is not an image URL or base64 image")
+    return tuple(ImageInput(where, v) for where, v in items), batched
+
+
+def _texts(value: Any, name: str, limits: Limits) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [(name, value)]
+    elif isinstance(value, list):
+        if not value:
+            raise BadRequest(f"{name} must not be an empty list")
+        items = [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        raise BadRequest(f"Unsupported text input type: {type(value)}")
+    if len(items) > limits.max_texts:
+        raise BadRequest(f"{len(items)} texts in one request, over the limit of {limits.max_texts} "
+                         "(SIGLIP_MAX_TEXTS_PER_REQUEST)")
+    for where, v in items:
+        if not isinstance(v, str):
+            raise BadRequest(f"Unsupported text input type: {type(v)} ({where})")
+        if len(v) > limits.max_text_chars:
+            raise BadRequest(f"{where} is {len(v)} characters, over the limit of {limits.max_text_chars} "
+                             "(SIGLIP_MAX_TEXT_CHARS)")
+    return tuple(v for _, v in items)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)

@@ -1,0 +1,116 @@
+"""Every setting of the service, read from the environment in this one place.
+
+Each field is one ``SIGLIP_*`` variable (its name upper-cased); the README's configuration table lists them.
+Values are validated when read, so a typo fails at start-up with the variable's name rather than at the first
+request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Model
+    model: str = "google/siglip2-base-patch16-512"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile the towers (slow start, faster steady state on GPU)
+    text_cache_size: int = 4096  # text embeddings kept per gateway worker (LRU); 0 disables
+
+    # Batching (model service)
+    max_batch_size: int = 64
+    max_latency_ms: int = 60_000  # a queued item waits at most this long before it is answered 503
+
+    # Gateway
+    gateway_workers: int = 1
+    decode_threads: int = 4  # image decode/resize threads per gateway worker
+    request_timeout_s: float = 120.0  # whole-request deadline (504 past it)
+    max_concurrency: int = 256  # requests in flight per gateway worker before 429
+    jpeg_draft_factor: float = 0.0  # decode JPEGs at reduced size when >= this many times the model size (0 = off)
+
+    # URL fetching
+    allow_private_urls: bool = False
+    url_allowlist: tuple[str, ...] = ()  # hosts (exact, or ".example.com" for subdomains); empty = any public host
+    fetch_connect_timeout_s: float = 5.0
+    fetch_read_timeout_s: float = 10.0
+    fetch_total_timeout_s: float = 20.0
+    fetch_max_redirects: int = 3
+    max_parallel_fetches: int = 8  # concurrent URL fetches within one request
+
+    # Limits on what a request may carry
+    max_image_bytes: int = 20 * MB  # per image, encoded (URL body or decoded base64)
+    max_image_pixels: int = 40_000_000  # checked from the header, before decoding
+    max_images_per_request: int = 64
+    max_texts_per_request: int = 1024  # texts, or candidate labels
+    max_text_chars: int = 2000
+    max_body_bytes: int = 64 * MB
+
+    # Auth: one token or several (comma-separated) so they can be rotated; empty = no auth
+    api_token: tuple[str, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = f"SIGLIP_{f.name.upper()}"
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _parse(name, raw.strip(), f.default)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"SIGLIP_DEVICE must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"SIGLIP_DTYPE must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
+        for name in ("max_batch_size", "max_latency_ms", "gateway_workers", "decode_threads", "max_concurrency",
+                     "max_parallel_fetches", "max_image_bytes", "max_image_pixels", "max_images_per_request",
+                     "max_texts_per_request", "max_text_chars", "max_body_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SIGLIP_{name.upper()} must be positive")
+
+    def __repr__(self) -> str:  # tokens never reach logs
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "api_token"}
+        shown["api_token"] = f"<{len(self.api_token)} token(s)>"
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+
+def _parse(name: str, raw: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected 1/0, true/false")
+        if isinstance(default, int):
+            return int(raw.replace("_", ""))
+        if isinstance(default, float):
+            return float(raw)
+        if isinstance(default, tuple):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError as exc:
+        raise ValueError(f"{name}={raw!r} is not valid: {exc}") from None
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_env()
+    return _settings

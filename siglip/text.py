@@ -1,0 +1,32 @@
+"""Text rules SigLIP 2 was trained with. Any other padding makes embeddings wrong *and* batch-dependent.
+
+- lowercase: SigLIP 2 saw lowercased text; the GemmaTokenizer that AutoTokenizer returns does not lowercase.
+- padding="max_length", max_length=64, truncation: the text embedding is read at the last position, so every
+  text must be padded to the full 64 tokens (EOS kept on truncation, right padding with id 0).
+- no attention_mask: the model was trained attending to the padding too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+TEXT_MAX_LENGTH = 64
+
+
+def normalize_text(text: str) -> str:
+    return text.lower()
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
+    """input_ids of shape (len(texts), 64), int64; no attention mask is produced."""
+    encoded = tokenizer(
+        [normalize_text(t) for t in texts],
+        padding="max_length",
+        max_length=TEXT_MAX_LENGTH,
+        truncation=True,
+        return_attention_mask=False,
+        return_tensors="np",
+    )
+    return np.asarray(encoded["input_ids"], dtype=np.int64)
