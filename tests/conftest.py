@@ -1,0 +1,264 @@
+"""Shared fixtures: a tiny random SigLIP checkpoint, the transformers reference computation on it, a loopback
+image server, and real ``bentoml serve`` processes running the service on that checkpoint.
+
+Nothing here reaches the network beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint and reference
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from siglip.checkpoint import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-siglip", size="tiny")
+
+
+class Reference:
+    """The transformers reference computation: processor + model.get_*_features, fp32, as documented for
+    google/siglip2-base-patch16-512 (convert to RGB first, lowercase, max_length=64 padding, no mask)."""
+
+    def __init__(self, path: Path):
+        import torch
+        from transformers import AutoModel, AutoProcessor
+
+        self.torch = torch
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.logit_scale = float(self.model.logit_scale)
+        self.logit_bias = float(self.model.logit_bias)
+
+    def image_embeds(self, images: list[Image.Image]) -> np.ndarray:
+        rgb = [ImageOps.exif_transpose(im).convert("RGB") for im in images]
+        pixel_values = self.processor(images=rgb, return_tensors="pt")["pixel_values"]
+        with self.torch.no_grad():
+            out = self.model.get_image_features(pixel_values=pixel_values).pooler_output
+        return self.torch.nn.functional.normalize(out, dim=-1).numpy()
+
+    def text_embeds(self, texts: list[str]) -> np.ndarray:
+        enc = self.processor(text=[t.lower() for t in texts], padding="max_length", max_length=64,
+                             truncation=True, return_tensors="pt")
+        with self.torch.no_grad():
+            out = self.model.get_text_features(input_ids=enc["input_ids"]).pooler_output
+        return self.torch.nn.functional.normalize(out, dim=-1).numpy()
+
+    def zero_shot(self, image: Image.Image, labels: list[str], template: str = "This is a photo of {}.",
+                  fn: str = "softmax") -> list[tuple[str, float]]:
+        cos = self.image_embeds([image]) @ self.text_embeds([template.format(x) for x in labels]).T
+        logits = cos[0] * np.exp(self.logit_scale) + self.logit_bias
+        if fn == "softmax":
+            e = np.exp(logits - logits.max())
+            scores = e / e.sum()
+        else:
+            scores = 1 / (1 + np.exp(-logits))
+        return sorted(zip(labels, scores.tolist()), key=lambda p: -p[1])
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_checkpoint) -> Reference:
+    return Reference(tiny_checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------------------------
+def make_image(seed: int = 0, size: tuple[int, int] = (96, 72), mode: str = "RGB") -> Image.Image:
+    """A distinct, structured test picture (gradients + blocks), so different seeds embed differently."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * (seed + 3) * 7) % 256, (yy * (seed + 5) * 5) % 256,
+                     ((xx + yy) * (seed + 1) * 3) % 256], axis=-1).astype(np.uint8)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, w - 8), rng.integers(0, h - 8)
+        base[y0:y0 + h // 4, x0:x0 + w // 4] = rng.integers(0, 256, 3)
+    img = Image.fromarray(base, "RGB")
+    return img if mode == "RGB" else img.convert(mode)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **save_kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save_kw)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loopback image server
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Route:
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "image/png"
+    delay_s: float = 0.0  # sleep before answering (a server that never answers in time)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ImageServer:
+    """A threaded HTTP server on 127.0.0.1. ``add(path, Route)`` serves bytes; ``/redirect?to=URL`` answers 302."""
+
+    def __init__(self):
+        self.routes: dict[str, Route] = {}
+        self.hits: dict[str, int] = {}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def do_GET(self):
+                parts = urlsplit(self.path)
+                server.hits[parts.path] = server.hits.get(parts.path, 0) + 1
+                if parts.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", parse_qs(parts.query)["to"][0])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                route = server.routes.get(parts.path)
+                if route is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if route.delay_s:
+                    time.sleep(route.delay_s)
+                try:
+                    self.send_response(route.status)
+                    self.send_header("Content-Type", route.content_type)
+                    self.send_header("Content-Length", str(len(route.body)))
+                    for k, v in route.headers.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(route.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def add(self, path: str, route: Route | bytes) -> str:
+        self.routes[path] = route if isinstance(route, Route) else Route(route)
+        return self.url(path)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    srv = ImageServer()
+    yield srv
+    srv.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real `bentoml serve` processes
+# ---------------------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    """``bentoml serve`` from the repo root on a free loopback port, with the given SIGLIP_* settings."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1", **env}
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> "ServiceProcess":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"service not ready after {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def post(self, path: str, body=None, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=kw.pop("timeout", 60), **kw)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServiceProcess]:
+    """Start a service with extra SIGLIP_* env (waiting for /readyz unless ready=False); all are stopped at the
+    end of the session."""
+    started: list[ServiceProcess] = []
+
+    def start(ready: bool = True, **env: str) -> ServiceProcess:
+        svc = ServiceProcess({"SIGLIP_MODEL": str(tiny_checkpoint), **env},
+                             tmp_path_factory.mktemp("serve") / "serve.log")
+        started.append(svc)
+        return svc.wait_ready() if ready else svc
+
+    yield start
+    for svc in started:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def service(start_service) -> ServiceProcess:
+    """The main contract-test server: fp32 (exact parity with the reference), loopback URLs allowed."""
+    return start_service(SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1")
