@@ -24,7 +24,7 @@ import httpcore
 import httpx
 
 from .errors import FetchError
-from .settings import Settings
+from .settings import Settings, fmt_bytes
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPAT = ipaddress.ip_network("::/96")
@@ -215,7 +215,7 @@ class Fetcher:
 
     async def _read_capped(self, resp: httpx.Response, url: str, where: str) -> bytes:
         cap = self.policy.max_bytes
-        too_big = f"{where}: {url} is larger than the {cap / 1e6:.0f} MB limit (SIGLIP_MAX_IMAGE_BYTES)"
+        too_big = f"{where}: {url} is larger than the {fmt_bytes(cap)} limit (SIGLIP_MAX_IMAGE_BYTES)"
         length = resp.headers.get("content-length")
         if length and length.isdigit() and int(length) > cap:
             raise FetchError(too_big)

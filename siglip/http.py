@@ -18,6 +18,7 @@ import orjson
 from starlette.responses import Response
 
 from .errors import BadRequest, Overloaded, PayloadTooLarge, ServiceError, Unauthorized
+from .settings import MB, fmt_bytes
 
 logger = logging.getLogger("siglip.http")
 
@@ -79,13 +80,15 @@ def token_ok(header: str | None, tokens: tuple[str, ...]) -> bool:
 
 class RequestGuard:
     def __init__(self, app: Any, api_paths: frozenset[str], tokens: tuple[str, ...] = (),
-                 max_body_bytes: int = 64 * 1024 * 1024, max_concurrency: int = 256):
+                 max_body_bytes: int = 64 * MB, max_concurrency: int = 256, max_inflight_body_bytes: int = 512 * MB):
         self.app = app
         self.api_paths = api_paths
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
         self.max_concurrency = max_concurrency
+        self.max_inflight_body_bytes = max_inflight_body_bytes
         self.in_flight = 0
+        self.inflight_body_bytes = 0  # bodies of requests being read or served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,11 +112,19 @@ class RequestGuard:
             self.in_flight -= 1
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        held = 0  # bytes of this body counted in inflight_body_bytes
         try:
-            body = await self._read_body(scope, receive)
-            check_body(body)
-        except ServiceError as exc:
-            return await _send_error(send, exc)
+            try:
+                body = await self._read_body(scope, receive)
+                held = len(body)
+                check_body(body)
+            except ServiceError as exc:
+                return await _send_error(send, exc)
+            await self._serve(scope, receive, send, body)
+        finally:
+            self.inflight_body_bytes -= held
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         # BentoML picks its parser by Content-Type; `curl -d` sends form-urlencoded, so declare JSON.
         headers = [(k, v) for k, v in scope.get("headers", []) if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -146,23 +157,33 @@ class RequestGuard:
                 app_task.cancel()
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        too_large = PayloadTooLarge(f"request body is over the {self.max_body_bytes / 1e6:.0f} MB limit "
+        """The whole body, refusing it (413) past the per-request cap and (429) past the memory budget shared
+        by all requests in flight. Bytes read are counted in ``inflight_body_bytes``; the caller releases them."""
+        too_large = PayloadTooLarge(f"request body is over the {fmt_bytes(self.max_body_bytes)} limit "
                                     "(SIGLIP_MAX_BODY_BYTES)")
         for key, value in scope.get("headers", []):
             if key == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
                 raise too_large
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise BadRequest("client disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise too_large
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise BadRequest("client disconnected")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                self.inflight_body_bytes += len(chunk)
+                if size > self.max_body_bytes:
+                    raise too_large
+                if self.inflight_body_bytes > self.max_inflight_body_bytes:
+                    raise Overloaded(f"server is holding {fmt_bytes(self.inflight_body_bytes)} of request bodies "
+                                     "(SIGLIP_MAX_INFLIGHT_BODY_BYTES); retry shortly")
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return b"".join(chunks)
+        except BaseException:
+            self.inflight_body_bytes -= size
+            raise
 
 
 async def _send_error(send: Send, exc: ServiceError) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import BadRequest
+from .settings import fmt_bytes
 
 # Formats the API promises (MPO is how PIL names multi-picture JPEGs from phones).
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP"})
@@ -58,7 +59,7 @@ def decode_image_string(value: str, where: str, max_bytes: int) -> bytes:
             raise BadRequest(f"{where}: data URI must be of the form data:image/...;base64,<data>")
     approx = (len(payload) * 3) // 4
     if approx > max_bytes:
-        raise BadRequest(f"{where}: image is {approx / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit "
+        raise BadRequest(f"{where}: image is {fmt_bytes(approx)}, over the {fmt_bytes(max_bytes)} limit "
                          f"(SIGLIP_MAX_IMAGE_BYTES)")
     data = _b64decode(payload)
     if data is None:

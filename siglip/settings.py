@@ -8,11 +8,21 @@ request.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 MB = 1024 * 1024
+
+
+def fmt_bytes(n: float) -> str:
+    """Sizes as people read them in error messages: 20 MB, 512 KB, 300 bytes."""
+    if n >= MB:
+        return f"{n / MB:.3g} MB"
+    if n >= 1024:
+        return f"{n / 1024:.3g} KB"
+    return f"{int(n)} bytes"
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class Settings:
     max_texts_per_request: int = 1024  # texts, or candidate labels
     max_text_chars: int = 2000
     max_body_bytes: int = 64 * MB
+    max_inflight_body_bytes: int = 512 * MB  # request bodies held at once per gateway worker before 429
 
     # Auth: one token or several (comma-separated) so they can be rotated; empty = no auth
     api_token: tuple[str, ...] = field(default=(), repr=False)
@@ -76,9 +87,18 @@ class Settings:
             raise ValueError(f"SIGLIP_DTYPE must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         for name in ("max_batch_size", "max_latency_ms", "gateway_workers", "decode_threads", "max_concurrency",
                      "max_parallel_fetches", "max_image_bytes", "max_image_pixels", "max_images_per_request",
-                     "max_texts_per_request", "max_text_chars", "max_body_bytes"):
+                     "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_inflight_body_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must be positive")
+        for name in ("text_cache_size", "fetch_max_redirects"):  # 0 = off / no redirects
+            if getattr(self, name) < 0:
+                raise ValueError(f"SIGLIP_{name.upper()} must not be negative")
+        for name in ("request_timeout_s", "fetch_connect_timeout_s", "fetch_read_timeout_s",
+                     "fetch_total_timeout_s"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"SIGLIP_{name.upper()} must be a positive number of seconds")
+        if not math.isfinite(self.jpeg_draft_factor) or self.jpeg_draft_factor < 0:
+            raise ValueError("SIGLIP_JPEG_DRAFT_FACTOR must be 0 (off) or a positive number")
 
     def __repr__(self) -> str:  # tokens never reach logs
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "api_token"}
