@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any
 
 import bentoml
 import httpx
@@ -39,6 +39,8 @@ image = bentoml.images.Image(python_version="3.11").requirements_file("requireme
     name="SiglipModel",
     image=image,
     workers=1,
+    # Image, JPEG and text batches may overlap: one prepares on the CPU while another runs on the GPU.
+    threads=4,
     traffic={"timeout": settings.request_timeout_s + 30},
     # Work around bentoml#5540: the caller's connection is otherwise replaced every 100 calls while other
     # calls are in flight, and those fail with "Cannot write to closing transport".
@@ -51,7 +53,7 @@ class SiglipModel:
         logging.getLogger("siglip").disabled = False
         worker = bentoml.server_context.worker_index or 1
         self.encoder = SiglipEncoder(settings.model, settings.device, settings.dtype, worker_index=worker,
-                                     compile=settings.compile)
+                                     compile=settings.compile, device_decode=settings.device_decode)
         self.encoder.start_loading()
 
     def __is_ready__(self) -> bool:
@@ -67,6 +69,13 @@ class SiglipModel:
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 pixels (N, H, W, 3) at the checkpoint's size -> L2-normalized embeddings (N, D)."""
         return self.encoder.encode_images(pixels)
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=settings.max_batch_size,
+                 max_latency_ms=settings.max_latency_ms)
+    def encode_jpegs(self, items: list[Any]) -> np.ndarray:
+        """(JPEG bytes, EXIF orientation) pairs -> embeddings (N, D), decoded next to the model; NaN rows for
+        images that fail to decode."""
+        return self.encoder.encode_jpegs(items)
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=settings.max_texts_per_request,
                  max_latency_ms=settings.max_latency_ms)
@@ -89,6 +98,9 @@ class BentoModelClient:
 
     async def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         return await self._call("encode_images", pixels)
+
+    async def encode_jpegs(self, items: list[tuple[bytes, int]]) -> np.ndarray:
+        return await self._call("encode_jpegs", items)
 
     async def encode_texts(self, texts: list[str]) -> np.ndarray:
         return await self._call("encode_texts", texts)
@@ -154,29 +166,29 @@ class SiglipGateway:
         return await answer(lambda: self.engine.run(inputs, parameters, mode))
 
     @bentoml.api(route="/")
-    async def infer(self, inputs: Any = INPUTS, parameters: Optional[dict[str, Any]] = PARAMETERS) -> Any:
+    async def infer(self, inputs: Any = INPUTS, parameters: dict[str, Any] | None = PARAMETERS) -> Any:
         """Any mode: auto-detected from the inputs, or set with parameters.mode."""
         return await self._serve(None, inputs, parameters)
 
     @bentoml.api
-    async def zero_shot(self, inputs: Any = INPUTS, parameters: Optional[dict[str, Any]] = PARAMETERS) -> Any:
+    async def zero_shot(self, inputs: Any = INPUTS, parameters: dict[str, Any] | None = PARAMETERS) -> Any:
         """Classify image(s) against parameters.candidate_labels: [{"label", "score"}] sorted by score."""
         return await self._serve("zero_shot", inputs, parameters)
 
     @bentoml.api
     async def image_embedding(self, inputs: Any = INPUTS,
-                              parameters: Optional[dict[str, Any]] = PARAMETERS) -> Any:
+                              parameters: dict[str, Any] | None = PARAMETERS) -> Any:
         """L2-normalized image embeddings: [{"embedding": [...]}], one per image."""
         return await self._serve("image_embedding", inputs, parameters)
 
     @bentoml.api
     async def text_embedding(self, inputs: Any = INPUTS,
-                             parameters: Optional[dict[str, Any]] = PARAMETERS) -> Any:
+                             parameters: dict[str, Any] | None = PARAMETERS) -> Any:
         """L2-normalized text embeddings: [{"embedding": [...]}], one per text."""
         return await self._serve("text_embedding", inputs, parameters)
 
     @bentoml.api
-    async def similarity(self, inputs: Any = INPUTS, parameters: Optional[dict[str, Any]] = PARAMETERS) -> Any:
+    async def similarity(self, inputs: Any = INPUTS, parameters: dict[str, Any] | None = PARAMETERS) -> Any:
         """Cosine similarities of images x texts: {"similarity_scores", "image_count", "text_count"}."""
         return await self._serve("similarity", inputs, parameters)
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from .text import tokenize
 
 logger = logging.getLogger("siglip.encoder")
+# Pixel batches arrive unpickled as read-only arrays; they are only read (the first op copies to float).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class ModelInfo:
     embed_dim: int
     logit_scale: float  # raw parameter; logits use exp(logit_scale)
     logit_bias: float
+    jpeg_decode: str | None = None  # "nvjpeg" / "pil" when the gateway may forward JPEG bytes, else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,9 +77,10 @@ def resolve_dtype(requested: str, device: str):
 
 class SiglipEncoder:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", worker_index: int = 1,
-                 compile: bool = False, warmup_batch_sizes: Sequence[int] = (1,)):
+                 compile: bool = False, warmup_batch_sizes: Sequence[int] = (1,), device_decode: str = "off"):
         self.model_id = model
         self._requested = (device, dtype, worker_index, compile)
+        self._device_decode = device_decode  # auto | on | off
         self._warmup_sizes = tuple(warmup_batch_sizes)
         self.info: ModelInfo | None = None
         self.error: str | None = None
@@ -91,7 +97,7 @@ class SiglipEncoder:
     def load(self) -> None:
         try:
             self._load()
-        except Exception as exc:  # noqa: BLE001 - any failure must surface as "not ready, because ..."
+        except Exception as exc:
             self.error = f"loading {self.model_id} failed: {type(exc).__name__}: {exc}"
             logger.exception("Model %s failed to load; the service stays not-ready", self.model_id)
 
@@ -135,24 +141,29 @@ class SiglipEncoder:
         self._text = model.get_text_features
         if use_compile:
             self._vision = torch.compile(model.get_image_features, dynamic=False)
+        self._size = (height, width)
+        self._decode_jpegs = self._jpeg_decoder()
         embed_dim = int(model.config.vision_config.hidden_size)
         self.info = ModelInfo(
             model=self.model_id, device=device, dtype=str(dtype).removeprefix("torch."),
             image_height=height, image_width=width, resample=int(getattr(processor, "resample", 2)),
             embed_dim=embed_dim, logit_scale=float(model.logit_scale.detach().float().cpu()),
             logit_bias=float(model.logit_bias.detach().float().cpu()),
+            jpeg_decode=getattr(self._decode_jpegs, "backend", None),
         )
         self.load_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         for n in self._warmup_sizes:
             self.encode_images(np.zeros((n, height, width, 3), dtype=np.uint8))
+        if self._decode_jpegs is not None:
+            self.encode_jpegs([(_tiny_jpeg(), 6)])
         self.encode_texts(["warm-up"])
         self.warmup_seconds = time.perf_counter() - t1
         self.ready.set()
-        logger.info("Loaded %s on %s (%s): %dx%d images, %d-dim embeddings; load %.1f s, warm-up %.1f s",
-                    self.model_id, device, self.info.dtype, height, width, embed_dim, self.load_seconds,
-                    self.warmup_seconds)
+        logger.info("Loaded %s on %s (%s): %dx%d images, %d-dim embeddings, JPEG decode in %s; "
+                    "load %.1f s, warm-up %.1f s", self.model_id, device, self.info.dtype, height, width, embed_dim,
+                    self.info.jpeg_decode or "the gateway", self.load_seconds, self.warmup_seconds)
 
     def status(self) -> dict[str, Any]:
         return {"ready": self.ready.is_set(), "error": self.error,
@@ -169,6 +180,48 @@ class SiglipEncoder:
             x = x.permute(0, 3, 1, 2).float().mul_(self._pixel_mul).add_(self._pixel_add).to(self._dtype)
             return self._finish(self._vision(pixel_values=x))
 
+    def encode_jpegs(self, items: Sequence[tuple[bytes, int]]) -> np.ndarray:
+        """(JPEG bytes, EXIF orientation) -> float32 (N, D), decoded and resized on the model's device.
+
+        Rows of images that fail to decode are NaN, so one corrupt file fails only its own request.
+        """
+        torch = self._torch
+        F = torch.nn.functional
+        height, width = self._size
+        with torch.inference_mode():
+            decoded = self._decode_jpegs([data for data, _ in items])
+            x = torch.zeros((len(items), 3, height, width), dtype=torch.float32, device=self._device)
+            bad = []
+            for i, (img, (_, orientation)) in enumerate(zip(decoded, items)):
+                if img is None:
+                    bad.append(i)
+                    continue
+                img = apply_orientation(img, orientation)
+                # Antialiased bilinear in float, rounded like PIL's uint8 resize: cosine >= 0.9999 vs PIL.
+                x[i] = F.interpolate(img[None].float(), size=(height, width), mode="bilinear", antialias=True,
+                                     align_corners=False)[0].round_().clamp_(0, 255)
+            x = x.mul_(self._pixel_mul).add_(self._pixel_add).to(self._dtype)
+            out = self._finish(self._vision(pixel_values=x))
+        out[bad] = np.nan
+        return out
+
+    def _jpeg_decoder(self):
+        """A batch decoder list[bytes] -> list[(3, h, w) uint8 tensor on the device | None], or None when the
+        gateway should decode. "auto": nvJPEG when the model is on CUDA and torchvision can decode there."""
+        mode = self._device_decode
+        if mode == "off":
+            return None
+        if self._device.type == "cuda":
+            try:
+                decoder = _NvJpegDecoder(self._torch, self._device)
+                decoder([_tiny_jpeg()])
+                return decoder
+            except Exception as exc:  # noqa: BLE001 - any failure: decode in the gateway instead
+                logger.warning("nvJPEG decoding unavailable (%s: %s); images are decoded in the gateway",
+                               type(exc).__name__, exc)
+                return None
+        return _PilDecoder(self._torch, self._device) if mode == "on" else None
+
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """texts -> float32 (N, D), L2-normalized (lowercased, 64-token max_length padding, no mask)."""
         torch = self._torch
@@ -180,6 +233,84 @@ class SiglipEncoder:
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         feats = self._torch.nn.functional.normalize(feats.float(), dim=-1)
         return feats.cpu().numpy()
+
+
+def apply_orientation(img: Any, orientation: int) -> Any:
+    """EXIF orientation on a (C, H, W) tensor, as PIL.ImageOps.exif_transpose does on an image."""
+    import torch
+
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-1, -2)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-1, -2)
+    if orientation == 6:
+        return torch.rot90(img, k=-1, dims=(-2, -1))
+    if orientation == 7:
+        return img.transpose(-1, -2).flip(-1, -2)
+    if orientation == 8:
+        return torch.rot90(img, k=1, dims=(-2, -1))
+    return img
+
+
+class _NvJpegDecoder:
+    backend = "nvjpeg"
+
+    def __init__(self, torch: Any, device: Any):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self._torch, self._device = torch, device
+        self._decode, self._mode = decode_jpeg, ImageReadMode.RGB
+
+    def __call__(self, blobs: Sequence[bytes]) -> list[Any]:
+        tensors = [self._torch.frombuffer(bytearray(b), dtype=self._torch.uint8) for b in blobs]
+        try:
+            return list(self._decode(tensors, mode=self._mode, device=self._device))
+        except Exception:  # noqa: BLE001 - one bad file fails the whole batch call: retry one by one
+            out = []
+            for t in tensors:
+                try:
+                    out.append(self._decode(t, mode=self._mode, device=self._device))
+                except Exception:  # noqa: BLE001
+                    out.append(None)
+            return out
+
+
+class _PilDecoder:
+    """The same contract on CPU with PIL: lets tests run the forwarded-JPEG path without a GPU."""
+
+    backend = "pil"
+
+    def __init__(self, torch: Any, device: Any):
+        self._torch, self._device = torch, device
+
+    def __call__(self, blobs: Sequence[bytes]) -> list[Any]:
+        import io
+
+        from PIL import Image
+
+        out = []
+        for blob in blobs:
+            try:
+                with Image.open(io.BytesIO(blob)) as img:
+                    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                out.append(self._torch.from_numpy(arr.copy()).permute(2, 0, 1).to(self._device))
+            except Exception:  # noqa: BLE001
+                out.append(None)
+        return out
+
+
+def _tiny_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), (120, 60, 30)).save(buf, "JPEG")
+    return buf.getvalue()
 
 
 def _processor_size(processor: Any) -> tuple[int, int]:

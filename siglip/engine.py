@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -24,7 +25,7 @@ import orjson
 from . import scoring
 from .errors import BadRequest, DeadlineExceeded, NotReady
 from .fetch import Fetcher
-from .images import ImageSpec, is_http_url, load_image_string, load_pixels, url_scheme
+from .images import ImageSpec, JpegPayload, is_http_url, prepare_image, prepare_image_string, url_scheme
 from .requests import ImageInput, Limits, ParsedRequest, parse_request
 from .settings import Settings
 from .textcache import TextEmbeddingCache
@@ -35,6 +36,7 @@ logger = logging.getLogger("siglip.engine")
 class ModelClient(Protocol):
     async def status(self) -> dict[str, Any]: ...
     async def encode_images(self, pixels: np.ndarray) -> np.ndarray: ...
+    async def encode_jpegs(self, items: list[tuple[bytes, int]]) -> np.ndarray: ...
     async def encode_texts(self, texts: list[str]) -> np.ndarray: ...
 
 
@@ -43,6 +45,7 @@ class ModelView:
     """The gateway's copy of the model's ModelInfo."""
 
     image: ImageSpec
+    forward_jpeg: bool  # the model service decodes JPEGs itself (nvJPEG): send bytes, not pixels
     logit_scale: float
     logit_bias: float
     embed_dim: int
@@ -85,6 +88,7 @@ class Engine:
             self._model = ModelView(
                 image=ImageSpec(info["image_height"], info["image_width"], info["resample"],
                                 self.settings.jpeg_draft_factor),
+                forward_jpeg=bool(info.get("jpeg_decode")),
                 logit_scale=info["logit_scale"], logit_bias=info["logit_bias"], embed_dim=info["embed_dim"])
         return self._model
 
@@ -92,22 +96,38 @@ class Engine:
         if not images:
             return None
         fetch_slots = asyncio.Semaphore(self.settings.max_parallel_fetches)
-        pixels = await gather_or_cancel([self._load(item, model.image, fetch_slots) for item in images])
-        return await self.client.encode_images(np.stack(pixels))
+        prepared = await gather_or_cancel([self._load(item, model, fetch_slots) for item in images])
+        jpeg_rows = [i for i, p in enumerate(prepared) if isinstance(p, JpegPayload)]
+        pixel_rows = [i for i, p in enumerate(prepared) if not isinstance(p, JpegPayload)]
+        calls = []
+        if pixel_rows:
+            calls.append(self.client.encode_images(np.stack([prepared[i] for i in pixel_rows])))
+        if jpeg_rows:
+            calls.append(self.client.encode_jpegs([(prepared[i].data, prepared[i].orientation) for i in jpeg_rows]))
+        results = await asyncio.gather(*calls)
+        if not jpeg_rows:
+            return results[0]
+        embeds = np.empty((len(images), results[0].shape[1]), dtype=np.float32)
+        for rows, result in zip([r for r in (pixel_rows, jpeg_rows) if r], results):
+            embeds[rows] = result
+        for i in jpeg_rows:
+            if np.isnan(embeds[i, 0]):
+                raise BadRequest(f"{images[i].where}: JPEG data could not be decoded")
+        return embeds
 
-    async def _load(self, item: ImageInput, spec: ImageSpec, fetch_slots: asyncio.Semaphore) -> np.ndarray:
+    async def _load(self, item: ImageInput, model: ModelView, fetch_slots: asyncio.Semaphore):
         s = self.settings
         loop = asyncio.get_running_loop()
         if is_http_url(item.value):
             async with fetch_slots:
                 data = await self.fetcher.fetch(item.value, item.where)
-            return await loop.run_in_executor(self.pool, load_pixels, data, f"{item.where} ({item.value})", spec,
-                                              s.max_image_pixels)
+            return await loop.run_in_executor(self.pool, prepare_image, data, f"{item.where} ({item.value})",
+                                              model.image, s.max_image_pixels, model.forward_jpeg)
         scheme = url_scheme(item.value)
         if scheme is not None:
             raise BadRequest(f"{item.where}: only http and https URLs are supported, not {scheme}://")
-        return await loop.run_in_executor(self.pool, load_image_string, item.value, item.where, spec,
-                                          s.max_image_bytes, s.max_image_pixels)
+        return await loop.run_in_executor(self.pool, prepare_image_string, item.value, item.where, model.image,
+                                          s.max_image_bytes, s.max_image_pixels, model.forward_jpeg)
 
     async def embed_texts(self, texts: Sequence[str]) -> np.ndarray | None:
         if not texts:

@@ -14,10 +14,12 @@ Lower layers raise these; only the HTTP layer turns them into responses (``to_re
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ServiceError(Exception):
     status = 500
-    headers: dict[str, str] = {}
+    headers: ClassVar[dict[str, str]] = {}
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -34,7 +36,7 @@ class FetchError(BadRequest):
 
 class Unauthorized(ServiceError):
     status = 401
-    headers = {"WWW-Authenticate": "Bearer"}
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
 class PayloadTooLarge(ServiceError):
@@ -43,12 +45,12 @@ class PayloadTooLarge(ServiceError):
 
 class Overloaded(ServiceError):
     status = 429
-    headers = {"Retry-After": "1"}
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 class NotReady(ServiceError):
     status = 503
-    headers = {"Retry-After": "5"}
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "5"}
 
 
 class DeadlineExceeded(ServiceError):

@@ -42,7 +42,7 @@ class FetchPolicy:
     max_bytes: int = 20 * 1024 * 1024
 
     @classmethod
-    def from_settings(cls, s: Settings) -> "FetchPolicy":
+    def from_settings(cls, s: Settings) -> FetchPolicy:
         return cls(allow_private=s.allow_private_urls, allowlist=tuple(h.lower() for h in s.url_allowlist),
                    connect_timeout_s=s.fetch_connect_timeout_s, read_timeout_s=s.fetch_read_timeout_s,
                    total_timeout_s=s.fetch_total_timeout_s, max_redirects=s.fetch_max_redirects,
@@ -126,7 +126,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
         except (socket.gaierror, UnicodeError) as exc:
             raise httpcore.ConnectError(f"could not resolve host {host} ({exc})") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
         addresses = list(dict.fromkeys(info[4][0] for info in infos))
         if not self._allow_private:

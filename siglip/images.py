@@ -104,10 +104,13 @@ def open_checked(data: bytes, where: str, max_pixels: int) -> Image.Image:
     """Open an image lazily (header only) and refuse unsupported formats and oversized dimensions."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL's own (global) limit must not decide: max_pixels below does. Its hard error (at twice
+            # Image.MAX_IMAGE_PIXELS) still stops absurd headers, so report the limit that actually applied.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadRequest(f"{where}: image dimensions are over the {max_pixels / 1e6:g} megapixel limit "
+    except Image.DecompressionBombError:
+        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
+        raise BadRequest(f"{where}: image dimensions are over the {limit / 1e6:g} megapixel limit "
                          f"(SIGLIP_MAX_IMAGE_PIXELS)") from None
     except Exception:  # noqa: BLE001 - PIL raises many types for garbage input
         raise BadRequest(f"{where}: data is not a supported image ({FORMAT_NAMES})") from None
@@ -155,3 +158,35 @@ def load_pixels(data: bytes, where: str, spec: ImageSpec, max_pixels: int) -> np
 def load_image_string(value: str, where: str, spec: ImageSpec, max_bytes: int, max_pixels: int) -> np.ndarray:
     """A base64/data-URI input straight to pixels (one call, so it runs as one unit in the decode pool)."""
     return load_pixels(decode_image_string(value, where, max_bytes), where, spec, max_pixels)
+
+
+@dataclass(frozen=True)
+class JpegPayload:
+    """A JPEG forwarded undecoded to the model service, which decodes it next to the GPU (nvJPEG).
+
+    Only the header was read here: format, mode and pixel count are checked, and the EXIF orientation is
+    passed along so the model side can apply it to the decoded tensor.
+    """
+
+    data: bytes
+    orientation: int = 1
+
+
+def prepare_image(data: bytes, where: str, spec: ImageSpec, max_pixels: int,
+                  forward_jpeg: bool = False) -> np.ndarray | JpegPayload:
+    """Pixels, or (``forward_jpeg`` and a plain RGB/greyscale JPEG) the checked bytes themselves."""
+    if forward_jpeg:
+        img = open_checked(data, where, max_pixels)
+        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            try:
+                orientation = int(img.getexif().get(0x0112, 1))
+            except Exception:  # noqa: BLE001 - a broken EXIF block: PIL's exif_transpose would ignore it too
+                orientation = 1
+            return JpegPayload(data, orientation if 1 <= orientation <= 8 else 1)
+    return load_pixels(data, where, spec, max_pixels)
+
+
+def prepare_image_string(value: str, where: str, spec: ImageSpec, max_bytes: int, max_pixels: int,
+                         forward_jpeg: bool = False) -> np.ndarray | JpegPayload:
+    """A base64/data-URI input to pixels or a JpegPayload (one call, so it runs as one unit in the pool)."""
+    return prepare_image(decode_image_string(value, where, max_bytes), where, spec, max_pixels, forward_jpeg)

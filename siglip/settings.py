@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 MB = 1024 * 1024
 
@@ -33,6 +34,7 @@ class Settings:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the towers (slow start, faster steady state on GPU)
     text_cache_size: int = 4096  # text embeddings kept per gateway worker (LRU); 0 disables
+    device_decode: str = "auto"  # auto: JPEGs decoded by nvJPEG on the model's GPU when it can; on | off
 
     # Batching (model service)
     max_batch_size: int = 64
@@ -67,7 +69,7 @@ class Settings:
     api_token: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
@@ -83,6 +85,8 @@ class Settings:
     def validate(self) -> None:
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"SIGLIP_DEVICE must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.device_decode not in ("auto", "on", "off"):
+            raise ValueError(f"SIGLIP_DEVICE_DECODE must be auto, on or off, not {self.device_decode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"SIGLIP_DTYPE must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         for name in ("max_batch_size", "max_latency_ms", "gateway_workers", "decode_threads", "max_concurrency",

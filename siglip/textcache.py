@@ -6,7 +6,7 @@ Keys are the normalized (lowercased) texts, exactly what the model sees, so "Cat
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -17,7 +17,7 @@ Compute = Callable[[list[str]], Awaitable[np.ndarray]]
 
 class TextEmbeddingCache:
     def __init__(self, capacity: int):
-        self.capacity = capacity
+        self.capacity = max(0, capacity)  # a negative size would make eviction pop from an empty dict
         self._entries: OrderedDict[str, np.ndarray] = OrderedDict()
         self.hits = 0
         self.misses = 0
