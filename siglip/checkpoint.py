@@ -17,25 +17,20 @@ import math
 from pathlib import Path
 
 # Words to train the test tokenizer on: enough merges that labels tokenize into several real tokens.
-_CORPUS = """
-a photo of a cat dog bird car tile floor wall wood stone ceramic porcelain mosaic glass vinyl laminate
-this is a photo of the heat pump indoor outdoor unit technical diagram company logo matte glossy finish
-white black red green blue yellow gray beige rustic oak natural rough texture colorful product catalog
-image picture drawing painting sketch person people man woman child house street city tree flower sky
-""".split()
+_CORPUS = ["a", "photo", "of", "a", "cat", "dog", "bird", "car", "tile", "floor", "wall", "wood", "stone", "ceramic", "porcelain", "mosaic", "glass", "vinyl", "laminate", "this", "is", "a", "photo", "of", "the", "heat", "pump", "indoor", "outdoor", "unit", "technical", "diagram", "company", "logo", "matte", "glossy", "finish", "white", "black", "red", "green", "blue", "yellow", "gray", "beige", "rustic", "oak", "natural", "rough", "texture", "colorful", "product", "catalog", "image", "picture", "drawing", "painting", "sketch", "person", "people", "man", "woman", "child", "house", "street", "city", "tree", "flower", "sky"]
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 
 TINY = {
-    "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 max_position_embeddings=64),
-    "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   image_size=64, patch_size=16),
+    "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "max_position_embeddings": 64},
+    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "image_size": 64, "patch_size": 16},
 }
 # google/siglip2-base-patch16-512: SiglipConfig defaults plus these (see shared notes).
 FULL = {
-    "text": dict(vocab_size=256000),
-    "vision": dict(image_size=512),
+    "text": {"vocab_size": 256000},
+    "vision": {"image_size": 512},
 }
 
 

@@ -13,6 +13,7 @@ raises ``BadRequest`` naming the offending item. Auto-detection (when neither th
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,8 +104,8 @@ def parse_request(inputs: Any, parameters: Any, endpoint_mode: str | None = None
     if mode == "zero_shot":
         images, batched = _images(inputs, "inputs", limits)
         labels = tuple(params.candidate_labels or ())
-        return ParsedRequest(mode, params, images=images, texts=_apply_template(params.hypothesis_template, labels),
-                             labels=labels, batched=batched)
+        texts = _apply_template(params.hypothesis_template, labels, limits)
+        return ParsedRequest(mode, params, images=images, texts=texts, labels=labels, batched=batched)
     return _similarity(inputs, params, limits)
 
 
@@ -155,9 +156,21 @@ def _validate_parameters(parameters: dict[str, Any]) -> Parameters:
         raise BadRequest(f"parameters.{loc}: {first['msg']}") from None
 
 
-def _apply_template(template: str, labels: tuple[str, ...]) -> tuple[str, ...]:
-    if "{}" not in template:
-        raise BadRequest("hypothesis_template must contain {} where the label goes")
+def _apply_template(template: str, labels: tuple[str, ...], limits: Limits) -> tuple[str, ...]:
+    if len(template) > limits.max_text_chars:
+        raise BadRequest(f"hypothesis_template is {len(template)} characters, over the limit of "
+                         f"{limits.max_text_chars} (SIGLIP_MAX_TEXT_CHARS)")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as exc:
+        raise BadRequest(f"hypothesis_template could not be applied: ValueError: {exc}") from None
+    # Only plain {} (or {0}) fields: attribute/index lookups, conversions and format specs run on the label
+    # (TypeError/AttributeError, or a "{:>999999999}" padding that allocates gigabytes), and a template
+    # without a field (e.g. "{{}}") would silently drop the label.
+    if not fields or any(name not in ("", "0") or spec or conv for name, spec, conv in fields):
+        raise BadRequest("hypothesis_template must contain {} where the label goes (and no other {...} "
+                         "fields; write {{ and }} for literal braces)")
     try:
         return tuple(template.format(label) for label in labels)
     except (IndexError, KeyError, ValueError) as exc:
@@ -172,7 +185,8 @@ def _images(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInput, ..
             raise BadRequest(f"{name} must not be an empty list")
         items, batched = [(f"{name}[{i}]", v) for i, v in enumerate(value)], True
     else:
-        raise BadRequest(f"Unsupported image input type: {type(value)}")
+        where = "" if name == "inputs" else f" ({name})"  # top level: the spec's exact text
+        raise BadRequest(f"Unsupported image input type: {type(value)}{where}")
     if len(items) > limits.max_images:
         raise BadRequest(f"{len(items)} images in one request, over the limit of {limits.max_images} "
                          "(SIGLIP_MAX_IMAGES_PER_REQUEST)")
@@ -192,7 +206,8 @@ def _texts(value: Any, name: str, limits: Limits) -> tuple[str, ...]:
             raise BadRequest(f"{name} must not be an empty list")
         items = [(f"{name}[{i}]", v) for i, v in enumerate(value)]
     else:
-        raise BadRequest(f"Unsupported text input type: {type(value)}")
+        where = "" if name == "inputs" else f" ({name})"  # top level: the spec's exact text
+        raise BadRequest(f"Unsupported text input type: {type(value)}{where}")
     if len(items) > limits.max_texts:
         raise BadRequest(f"{len(items)} texts in one request, over the limit of {limits.max_texts} "
                          "(SIGLIP_MAX_TEXTS_PER_REQUEST)")

@@ -6,7 +6,7 @@ candidate labels (sum to 1); SigLIP's own per-label probability is the sigmoid o
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
