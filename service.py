@@ -12,6 +12,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import aiohttp
 import bentoml
 import httpx
 import numpy as np
@@ -115,8 +116,10 @@ class BentoModelClient:
                         raise NotReady("model service is not reachable yet; retry shortly") from None
                     raise Overloaded("model queue is full (SIGLIP_MAX_LATENCY_MS); retry shortly") from None
                 raise
-            except (httpx.TransportError, RuntimeError) as exc:
-                if attempt == self.RETRIES or (isinstance(exc, RuntimeError) and "transport" not in str(exc)):
+            except (aiohttp.ClientConnectionError, httpx.TransportError) as exc:
+                # BentoML's inter-service client (aiohttp) can pick a pooled connection the other side is
+                # closing ("Cannot write to closing transport", bentoml#5540); the calls are idempotent.
+                if attempt == self.RETRIES:
                     raise
                 logger.warning("retrying %s after a broken connection: %s", name, exc)
 

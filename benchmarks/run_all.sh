@@ -12,7 +12,7 @@
 #   bash benchmarks/run_all.sh                      # full size, GPU if there is one
 #   SIZE=tiny bash benchmarks/run_all.sh            # CPU smoke run (small durations by default)
 # Knobs (env): PY, SIZE, OUT, PORT, CKPT, REBUILD=1, DEVICE (naive handler), BUDGET_S, READY_TIMEOUT,
-#   NAIVE_REQUESTS, LAT_REQUESTS, LAT_WARMUP, TP_IMAGE_LEVELS, TP_ZS_LEVELS, TP_TEXT_LEVELS, TP_DURATION,
+#   NAIVE_REQUESTS (0 skips the baseline), LAT_REQUESTS, LAT_WARMUP, TP_IMAGE_LEVELS, TP_ZS_LEVELS, TP_TEXT_LEVELS, TP_DURATION,
 #   TP_OTHER_DURATION, CLIENT_PROCS, LOAD_DURATION (0 skips the overload test), LOAD_ARGS (extra loadtest args).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -100,9 +100,11 @@ else
   step checkpoint 180 "$PY" benchmarks/make_checkpoint.py "$CKPT" --size "$SIZE" || exit 1
 fi
 
-# 2. baseline, before the server takes the device
-step naive 150 "$PY" benchmarks/naive_handler.py --model "$CKPT" --device "$DEVICE" --requests "$NAIVE_REQUESTS" \
-  --max-seconds 40 --json "$OUT/naive.json"
+# 2. baseline, before the server takes the device (NAIVE_REQUESTS=0 skips it)
+if [ "$NAIVE_REQUESTS" != 0 ]; then
+  step naive 150 "$PY" benchmarks/naive_handler.py --model "$CKPT" --device "$DEVICE" --requests "$NAIVE_REQUESTS" \
+    --max-seconds 40 --json "$OUT/naive.json"
+fi
 
 # 3. server
 if ! "$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', $PORT))" 2>/dev/null; then
@@ -123,8 +125,10 @@ if ! step startup "$READY_TIMEOUT" "$PY" benchmarks/wait_ready.py --url "$URL" -
 fi
 
 # 4-6. against the server
+BASE_ARG=()
+[ -f "$OUT/naive.json" ] && BASE_ARG=(--baseline-json "$OUT/naive.json")
 step latency 150 "$PY" benchmarks/latency.py --url "$URL" --requests "$LAT_REQUESTS" --warmup "$LAT_WARMUP" \
-  --max-seconds 40 --baseline-json "$OUT/naive.json" --json "$OUT/latency.json"
+  --max-seconds 40 "${BASE_ARG[@]}" --json "$OUT/latency.json"
 step throughput 240 "$PY" benchmarks/throughput.py --url "$URL" --levels "$TP_IMAGE_LEVELS" \
   --levels-for "zero_shot=$TP_ZS_LEVELS" --levels-for "text_embedding=$TP_TEXT_LEVELS" \
   --duration "$TP_DURATION" --duration-for "zero_shot=$TP_OTHER_DURATION" \

@@ -8,6 +8,7 @@ Rescale and normalization run on the model's device so only uint8 pixels cross p
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import warnings
@@ -110,6 +111,9 @@ class SiglipEncoder:
         device = resolve_device(device_req, worker_index)
         dtype = resolve_dtype(dtype_req, device)
         logger.info("Loading %s on %s (%s)...", self.model_id, device, str(dtype).removeprefix("torch."))
+        if self.model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(self.model_id)):
+            # Otherwise the hub client reports a confusing "Repo id must be in the form ..." error.
+            raise FileNotFoundError(f"checkpoint directory {self.model_id} does not exist (SIGLIP_MODEL)")
         model = AutoModel.from_pretrained(self.model_id, dtype=dtype, attn_implementation="sdpa")
         for method in ("get_image_features", "get_text_features"):
             if not hasattr(model, method):

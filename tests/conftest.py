@@ -215,17 +215,18 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.log()[-6000:]}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
-        raise RuntimeError(f"service not ready after {timeout_s} s:\n{self.log()}")
+        raise RuntimeError(f"service not ready after {timeout_s} s:\n{self.log()[-6000:]}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
+        """The whole server log (start-up lines included)."""
+        return self.log_path.read_text(errors="replace")
 
     def post(self, path: str, body=None, **kw) -> httpx.Response:
         return httpx.post(self.url + path, json=body, timeout=kw.pop("timeout", 60), **kw)

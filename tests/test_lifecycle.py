@@ -1,0 +1,103 @@
+"""Readiness and start-up: a service whose model cannot load stays alive but not ready, and says why."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from conftest import b64, encode, make_image
+
+READY_WATCH_S = 5.0  # how long /readyz must stay 503 once the gateway is up
+FAILURE_DEADLINE_S = 120.0  # the load failure must be reported within this
+
+
+def _get(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def _wait_for(predicate, deadline_s: float, what: str, log=lambda: ""):
+    deadline = time.monotonic() + deadline_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"{what} not within {deadline_s} s (last: {last!r})\n{log()}")
+
+
+def test_readyz_on_the_good_service(service):
+    assert _get(service.url + "/readyz") == 200
+    assert _get(service.url + "/livez") == 200
+    assert _get(service.url + "/healthz") == 200
+
+
+def test_good_service_log_names_checkpoint_device_and_dtype(service, tiny_checkpoint):
+    # The whole log file: service.log() is only its tail, and access lines soon push the start-up lines out.
+    log = service.log_path.read_text(errors="replace")
+    loaded = [line for line in log.splitlines() if "Loaded" in line]
+    assert loaded, log[-3000:]
+    line = loaded[0]
+    assert str(tiny_checkpoint) in line and "cpu" in line and "float32" in line, line
+    assert "32-dim embeddings" in line and "64x64 images" in line, line
+
+
+@pytest.fixture(scope="module")
+def broken(start_service):
+    svc = start_service(ready=False, SIGLIP_MODEL="/nonexistent/dir")
+    yield svc
+    svc.stop()
+
+
+def test_model_that_cannot_load_keeps_service_not_ready(broken):
+    _wait_for(lambda: _get(broken.url + "/livez") == 200, 120, "gateway answering /livez", broken.log)
+    # Live, but never ready: poll for a while, every answer must be 503.
+    deadline = time.monotonic() + READY_WATCH_S
+    seen = []
+    while time.monotonic() < deadline:
+        seen.append(_get(broken.url + "/readyz"))
+        time.sleep(0.25)
+    assert len(seen) >= 5 and set(seen) == {503}, seen
+    assert broken.proc.poll() is None, "the server should stay up, not exit"
+
+
+def test_api_call_on_a_model_that_cannot_load_answers_503_with_the_reason(broken):
+    _wait_for(lambda: _get(broken.url + "/livez") == 200, 120, "gateway answering /livez", broken.log)
+    answers = []
+
+    def failure_reported():
+        r = httpx.post(broken.url + "/", json={"inputs": "a cat"}, timeout=30)
+        answers.append((r.status_code, r.text))
+        assert r.status_code == 503, r.text
+        body = r.json()
+        assert set(body) == {"error"} and isinstance(body["error"], str), body
+        assert r.headers.get("retry-after"), r.headers
+        return "failed" in body["error"] and body["error"]
+
+    msg = _wait_for(failure_reported, FAILURE_DEADLINE_S, "the load failure in the API's answer", broken.log)
+    assert "/nonexistent/dir" in msg, msg
+    image = b64(encode(make_image(900)))
+    for path, body in (("/zero_shot", {"inputs": image, "parameters": {"candidate_labels": ["a", "b"]}}),
+                       ("/similarity", {"inputs": {"image": image, "texts": ["y"]}})):
+        r = httpx.post(broken.url + path, json=body, timeout=30)
+        assert r.status_code == 503 and "/nonexistent/dir" in r.json()["error"], r.text
+    # Bad requests are still told so (400) without waiting for a model.
+    r = httpx.post(broken.url + "/", json={"inputs": "a", "parameters": {"mode": "invalid_mode"}}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert _get(broken.url + "/readyz") == 503
+
+
+def test_log_says_why_the_model_did_not_load(broken):
+    def logged():
+        log = broken.log_path.read_text(errors="replace")
+        return "failed to load" in log and log
+
+    log = _wait_for(logged, FAILURE_DEADLINE_S, "the load failure in the log", broken.log)
+    line = next(x for x in log.splitlines() if "failed to load" in x)
+    assert "/nonexistent/dir" in line and "ERROR" in line, line
+    assert "Error" in log.split(line, 1)[1], "the exception (type and message) follows the log line"
+    assert "Loaded " not in log
