@@ -41,7 +41,7 @@ image = bentoml.images.Image(python_version="3.11").requirements_file("requireme
     image=image,
     workers=1,
     # Image, JPEG and text batches may overlap: one prepares on the CPU while another runs on the GPU.
-    threads=4,
+    threads=settings.model_threads,
     traffic={"timeout": settings.request_timeout_s + 30},
     # Work around bentoml#5540: the caller's connection is otherwise replaced every 100 calls while other
     # calls are in flight, and those fail with "Cannot write to closing transport".

@@ -142,6 +142,19 @@ if [ "$LOAD_DURATION" != 0 ]; then
     --server-log "$OUT/server.log" --duration "$LOAD_DURATION" --drain-timeout 30 --client-procs "$CLIENT_PROCS" \
     "${TP_ARG[@]}" --json "$OUT/loadtest.json" $LOAD_ARGS
 fi
+# adaptive batch sizes, cache hits and request timings as the server saw them
+"$PY" -c "import httpx, sys; sys.stdout.write(httpx.get('$URL/metrics', timeout=10).text)" >"$OUT/metrics.txt" 2>/dev/null
+"$PY" - "$OUT/metrics.txt" <<'PYEOF' | tee -a "$OUT/summary.txt"
+import re, sys
+sums, counts = {}, {}
+for line in open(sys.argv[1]):
+    m = re.match(r'bentoml_service_adaptive_batch_size_(sum|count)\{.*method_name="(\w+)"', line)
+    if m:
+        (sums if m.group(1) == "sum" else counts)[m.group(2)] = float(line.rsplit(" ", 1)[1])
+for name in sorted(counts):
+    if counts[name]:
+        print(f"adaptive batching {name}: {int(counts[name])} batches, mean size {sums[name] / counts[name]:.1f}")
+PYEOF
 stop_server
 
 echo

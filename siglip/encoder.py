@@ -144,7 +144,8 @@ class SiglipEncoder:
         self._vision = model.get_image_features
         self._text = model.get_text_features
         if use_compile:
-            self._vision = torch.compile(model.get_image_features, dynamic=False)
+            # Batch sizes vary with load: one dynamic-shape graph instead of a recompile per batch size.
+            self._vision = torch.compile(model.get_image_features, dynamic=True)
         self._size = (height, width)
         self._decode_jpegs = self._jpeg_decoder()
         embed_dim = int(model.config.vision_config.hidden_size)
@@ -158,7 +159,7 @@ class SiglipEncoder:
         self.load_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        for n in self._warmup_sizes:
+        for n in (*self._warmup_sizes, 2, 8) if use_compile else self._warmup_sizes:
             self.encode_images(np.zeros((n, height, width, 3), dtype=np.uint8))
         if self._decode_jpegs is not None:
             self.encode_jpegs([(_tiny_jpeg(), 6)])

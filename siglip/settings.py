@@ -37,6 +37,7 @@ class Settings:
     device_decode: str = "auto"  # auto: JPEGs decoded by nvJPEG on the model's GPU when it can; on | off
 
     # Batching (model service)
+    model_threads: int = 4  # threads running batches in the model service (image, JPEG and text batches overlap)
     max_batch_size: int = 64
     max_latency_ms: int = 60_000  # a queued item waits at most this long before it is answered 503
 
@@ -89,7 +90,7 @@ class Settings:
             raise ValueError(f"SIGLIP_DEVICE_DECODE must be auto, on or off, not {self.device_decode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"SIGLIP_DTYPE must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
-        for name in ("max_batch_size", "max_latency_ms", "gateway_workers", "decode_threads", "max_concurrency",
+        for name in ("model_threads", "max_batch_size", "max_latency_ms", "gateway_workers", "decode_threads", "max_concurrency",
                      "max_parallel_fetches", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                      "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_inflight_body_bytes"):
             if getattr(self, name) <= 0:
