@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 
 from . import scoring
+from .coalesce import Coalescer
 from .errors import BadRequest, DeadlineExceeded, NotReady
 from .fetch import Fetcher
 from .images import ImageSpec, JpegPayload, is_http_url, prepare_image, prepare_image_string, url_scheme
@@ -61,8 +62,16 @@ class Engine:
         self.limits = Limits(settings.max_images_per_request, settings.max_texts_per_request,
                              settings.max_text_chars)
         self.cache = TextEmbeddingCache(settings.text_cache_size)
+        self._encode_images = self._coalesced(lambda xs: client.encode_images(np.stack(xs)), settings.max_batch_size)
+        self._encode_jpegs = self._coalesced(client.encode_jpegs, settings.max_batch_size)
+        self._encode_texts = self._coalesced(client.encode_texts, settings.max_texts_per_request)
         self._on_cache = on_cache
         self._model: ModelView | None = None
+
+    def _coalesced(self, fn: Callable[[list[Any]], Awaitable[np.ndarray]], max_items: int):
+        if self.settings.coalesce_in_flight <= 0:
+            return fn
+        return Coalescer(fn, max_items, self.settings.coalesce_in_flight)
 
     async def run(self, inputs: Any, parameters: Any, endpoint_mode: str | None = None) -> bytes:
         request = parse_request(inputs, parameters, endpoint_mode, self.limits)
@@ -101,9 +110,9 @@ class Engine:
         pixel_rows = [i for i, p in enumerate(prepared) if not isinstance(p, JpegPayload)]
         calls = []
         if pixel_rows:
-            calls.append(self.client.encode_images(np.stack([prepared[i] for i in pixel_rows])))
+            calls.append(self._encode_images([prepared[i] for i in pixel_rows]))
         if jpeg_rows:
-            calls.append(self.client.encode_jpegs([(prepared[i].data, prepared[i].orientation) for i in jpeg_rows]))
+            calls.append(self._encode_jpegs([(prepared[i].data, prepared[i].orientation) for i in jpeg_rows]))
         results = await asyncio.gather(*calls)
         if not jpeg_rows:
             return results[0]
@@ -133,7 +142,7 @@ class Engine:
         if not texts:
             return None
         hits, misses = self.cache.hits, self.cache.misses
-        embeds = await self.cache.embed(texts, self.client.encode_texts)
+        embeds = await self.cache.embed(texts, self._encode_texts)
         if self._on_cache is not None:
             self._on_cache(self.cache.hits - hits, self.cache.misses - misses)
         return embeds

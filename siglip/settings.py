@@ -42,6 +42,8 @@ class Settings:
     max_latency_ms: int = 60_000  # a queued item waits at most this long before it is answered 503
 
     # Gateway
+    coalesce_in_flight: int = 2  # model calls in flight per encoder per gateway worker; more requests wait and
+    # are merged into the next call (0 = one call per request)
     gateway_workers: int = 1
     decode_threads: int = 4  # image decode/resize threads per gateway worker
     request_timeout_s: float = 120.0  # whole-request deadline (504 past it)
