@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .images import tiny_jpeg
 from .text import tokenize
 
 logger = logging.getLogger("siglip.encoder")
@@ -162,7 +163,7 @@ class SiglipEncoder:
         for n in (*self._warmup_sizes, 2, 8) if use_compile else self._warmup_sizes:
             self.encode_images(np.zeros((n, height, width, 3), dtype=np.uint8))
         if self._decode_jpegs is not None:
-            self.encode_jpegs([(_tiny_jpeg(), 6)])
+            self.encode_jpegs([(tiny_jpeg(), 6)])
         self.encode_texts(["warm-up"])
         self.warmup_seconds = time.perf_counter() - t1
         self.ready.set()
@@ -219,7 +220,7 @@ class SiglipEncoder:
         if self._device.type == "cuda":
             try:
                 decoder = _NvJpegDecoder(self._torch, self._device)
-                decoder([_tiny_jpeg()])
+                decoder([tiny_jpeg()])
                 return decoder
             except Exception as exc:  # noqa: BLE001 - any failure: decode in the gateway instead
                 logger.warning("nvJPEG decoding unavailable (%s: %s); images are decoded in the gateway",
@@ -306,16 +307,6 @@ class _PilDecoder:
             except Exception:  # noqa: BLE001
                 out.append(None)
         return out
-
-
-def _tiny_jpeg() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (24, 16), (120, 60, 30)).save(buf, "JPEG")
-    return buf.getvalue()
 
 
 def _processor_size(processor: Any) -> tuple[int, int]:

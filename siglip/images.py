@@ -190,3 +190,10 @@ def prepare_image_string(value: str, where: str, spec: ImageSpec, max_bytes: int
                          forward_jpeg: bool = False) -> np.ndarray | JpegPayload:
     """A base64/data-URI input to pixels or a JpegPayload (one call, so it runs as one unit in the pool)."""
     return prepare_image(decode_image_string(value, where, max_bytes), where, spec, max_pixels, forward_jpeg)
+
+
+def tiny_jpeg() -> bytes:
+    """A small valid JPEG, for warming up decoders."""
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), (120, 60, 30)).save(buf, "JPEG")
+    return buf.getvalue()

@@ -177,7 +177,8 @@ def _apply_template(template: str, labels: tuple[str, ...], limits: Limits) -> t
         raise BadRequest(f"hypothesis_template could not be applied: {type(exc).__name__}: {exc}") from None
 
 
-def _images(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInput, ...], bool]:
+def _items(value: Any, name: str, kind: str, limit: int, setting: str) -> tuple[list[tuple[str, Any]], bool]:
+    """A string or a non-empty list of strings as (where, value) pairs, and whether it was a list."""
     if isinstance(value, str):
         items, batched = [(name, value)], False
     elif isinstance(value, list):
@@ -186,34 +187,26 @@ def _images(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInput, ..
         items, batched = [(f"{name}[{i}]", v) for i, v in enumerate(value)], True
     else:
         where = "" if name == "inputs" else f" ({name})"  # top level: the spec's exact text
-        raise BadRequest(f"Unsupported image input type: {type(value)}{where}")
-    if len(items) > limits.max_images:
-        raise BadRequest(f"{len(items)} images in one request, over the limit of {limits.max_images} "
-                         "(SIGLIP_MAX_IMAGES_PER_REQUEST)")
+        raise BadRequest(f"Unsupported {kind} input type: {type(value)}{where}")
+    if len(items) > limit:
+        raise BadRequest(f"{len(items)} {kind}s in one request, over the limit of {limit} ({setting})")
     for where, v in items:
         if not isinstance(v, str):
-            raise BadRequest(f"Unsupported image input type: {type(v)} ({where})")
+            raise BadRequest(f"Unsupported {kind} input type: {type(v)} ({where})")
+    return items, batched
+
+
+def _images(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInput, ...], bool]:
+    items, batched = _items(value, name, "image", limits.max_images, "SIGLIP_MAX_IMAGES_PER_REQUEST")
+    for where, v in items:
         if not v.strip():
             raise BadRequest(f"{where}: empty string is not an image URL or base64 image")
     return tuple(ImageInput(where, v) for where, v in items), batched
 
 
 def _texts(value: Any, name: str, limits: Limits) -> tuple[str, ...]:
-    if isinstance(value, str):
-        items = [(name, value)]
-    elif isinstance(value, list):
-        if not value:
-            raise BadRequest(f"{name} must not be an empty list")
-        items = [(f"{name}[{i}]", v) for i, v in enumerate(value)]
-    else:
-        where = "" if name == "inputs" else f" ({name})"  # top level: the spec's exact text
-        raise BadRequest(f"Unsupported text input type: {type(value)}{where}")
-    if len(items) > limits.max_texts:
-        raise BadRequest(f"{len(items)} texts in one request, over the limit of {limits.max_texts} "
-                         "(SIGLIP_MAX_TEXTS_PER_REQUEST)")
+    items, _ = _items(value, name, "text", limits.max_texts, "SIGLIP_MAX_TEXTS_PER_REQUEST")
     for where, v in items:
-        if not isinstance(v, str):
-            raise BadRequest(f"Unsupported text input type: {type(v)} ({where})")
         if len(v) > limits.max_text_chars:
             raise BadRequest(f"{where} is {len(v)} characters, over the limit of {limits.max_text_chars} "
                              "(SIGLIP_MAX_TEXT_CHARS)")

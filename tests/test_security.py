@@ -81,7 +81,7 @@ def test_loopback_forms_are_refused_without_reaching_the_server(secure, image_se
 def test_redirect_hop_to_a_private_address_is_refused(image_server, monkeypatch):
     # No public server exists here, so treat the image server's own address as "public" for the first hop and
     # check that the second hop (127.0.0.2, private) is refused by the same guard before any connection.
-    import siglip.fetch as fetch
+    from siglip import fetch
 
     monkeypatch.setattr(fetch, "is_public_address", lambda address: address == "127.0.0.1")
     target = image_server.add("/redirect-target.png", encode(make_image(2)))
@@ -310,5 +310,5 @@ def test_no_json_value_makes_the_service_fail(fuzz, inputs, parameters, path):
 def test_schemathesis_finds_no_server_errors(fuzz):
     cmd = [str(Path(sys.executable).with_name("st")), "run", fuzz.url + "/docs.json", "--checks",
            "not_a_server_error", "--max-examples", "40", "--seed", "1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
