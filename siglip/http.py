@@ -99,11 +99,13 @@ class RequestGuard:
             headers = dict(scope.get("headers") or [])
             auth = headers.get(b"authorization", b"").decode("latin-1")
             if not token_ok(auth, self.tokens):
+                await self._discard_body(scope, receive)
                 return await _send_error(send, Unauthorized("missing or invalid bearer token (Authorization: "
                                                             "Bearer <token>)"))
         if scope.get("method") != "POST" or path not in self.api_paths:
             return await self.app(scope, receive, send)
         if self.in_flight >= self.max_concurrency:
+            await self._discard_body(scope, receive)
             return await _send_error(send, Overloaded(f"server is busy ({self.in_flight} requests in flight, "
                                                       "SIGLIP_MAX_CONCURRENCY); retry shortly"))
         self.in_flight += 1
@@ -156,6 +158,20 @@ class RequestGuard:
             watch.cancel()
             if not app_task.done():
                 app_task.cancel()
+
+    async def _discard_body(self, scope: Scope, receive: Receive) -> None:
+        """Read and drop a refused request's body (up to the body limit): answering while the client is still
+        sending makes the server drop the connection, which clients see as a reset rather than our answer."""
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return
+        size = 0
+        while size <= self.max_body_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         """The whole body, refusing it (413) past the per-request cap and (429) past the memory budget shared
