@@ -229,5 +229,5 @@ class SiglipGateway:
 SiglipGateway.add_asgi_middleware(
     RequestGuard, api_paths=frozenset(API_ROUTES), tokens=settings.api_token,
     max_body_bytes=settings.max_body_bytes, max_concurrency=settings.max_concurrency,
-    max_inflight_body_bytes=settings.max_inflight_body_bytes,
+    max_inflight_body_bytes=settings.max_inflight_body_bytes, body_timeout_s=settings.request_timeout_s,
 )

@@ -27,6 +27,7 @@ class Coalescer:
         self.max_in_flight = max_in_flight
         self._queue: deque[tuple[Sequence[Any], asyncio.Future]] = deque()
         self._in_flight = 0
+        self._tasks: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         self.calls = 0  # calls made, for tests and metrics
 
     async def __call__(self, items: Sequence[Any]) -> np.ndarray:
@@ -35,7 +36,9 @@ class Coalescer:
         self._queue.append((items, future))
         if self._in_flight < self.max_in_flight:
             self._in_flight += 1
-            asyncio.ensure_future(self._drain())
+            task = asyncio.ensure_future(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await future
 
     async def _drain(self) -> None:
@@ -65,10 +68,17 @@ class Coalescer:
         self.calls += 1
         try:
             rows = await self._fn([item for items, _ in batch for item in items])
-        except Exception as exc:  # noqa: BLE001 - every caller in the call gets the same failure
+        except BaseException as exc:
+            # Every caller in the call gets the same failure; on cancellation (shutdown) fail them too, so no
+            # caller waits for an answer that will not come.
             for _, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         start = 0
         for items, future in batch:

@@ -6,7 +6,7 @@
       ModelClient.encode_*          the model service (batched across requests)
       scoring                       cosine, logits, softmax/sigmoid, ranking
 
-The model is reached through ``ModelClient`` (three async methods), so the engine never imports BentoML or
+The model is reached through ``ModelClient`` (four async methods), so the engine never imports BentoML or
 torch and the service layer stays thin.
 """
 
@@ -61,11 +61,10 @@ class Engine:
         self.pool = decode_pool
         self.limits = Limits(settings.max_images_per_request, settings.max_texts_per_request,
                              settings.max_text_chars)
-        self.cache = TextEmbeddingCache(settings.text_cache_size)
+        self.cache = TextEmbeddingCache(settings.text_cache_size, on_lookup=on_cache)
         self._encode_images = self._coalesced(lambda xs: client.encode_images(np.stack(xs)), settings.max_batch_size)
         self._encode_jpegs = self._coalesced(client.encode_jpegs, settings.max_batch_size)
         self._encode_texts = self._coalesced(client.encode_texts, settings.max_texts_per_request)
-        self._on_cache = on_cache
         self._model: ModelView | None = None
 
     def _coalesced(self, fn: Callable[[list[Any]], Awaitable[np.ndarray]], max_items: int):
@@ -75,17 +74,20 @@ class Engine:
 
     async def run(self, inputs: Any, parameters: Any, endpoint_mode: str | None = None) -> bytes:
         request = parse_request(inputs, parameters, endpoint_mode, self.limits)
+        deadline = asyncio.timeout(self.settings.request_timeout_s)
         try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
+            async with deadline:
                 return orjson.dumps(await self.answer(request), option=orjson.OPT_SERIALIZE_NUMPY)
         except TimeoutError:
+            if not deadline.expired():  # a timeout from below (the model client's), not the request's deadline
+                raise DeadlineExceeded("the model service did not answer in time") from None
             raise DeadlineExceeded(f"request took longer than {self.settings.request_timeout_s:g} s "
                                    "(SIGLIP_REQUEST_TIMEOUT_S)") from None
 
     async def answer(self, request: ParsedRequest) -> Any:
         model = await self.model()
-        image_embeds, text_embeds = await asyncio.gather(
-            self.embed_images(request.images, model), self.embed_texts(request.texts))
+        image_embeds, text_embeds = await gather_or_cancel(
+            [self.embed_images(request.images, model), self.embed_texts(request.texts)])
         return build_response(request, image_embeds, text_embeds, model)
 
     async def model(self) -> ModelView:
@@ -113,7 +115,7 @@ class Engine:
             calls.append(self._encode_images([prepared[i] for i in pixel_rows]))
         if jpeg_rows:
             calls.append(self._encode_jpegs([(prepared[i].data, prepared[i].orientation) for i in jpeg_rows]))
-        results = await asyncio.gather(*calls)
+        results = await gather_or_cancel(calls)
         if not jpeg_rows:
             return results[0]
         embeds = np.empty((len(images), results[0].shape[1]), dtype=np.float32)
@@ -141,11 +143,7 @@ class Engine:
     async def embed_texts(self, texts: Sequence[str]) -> np.ndarray | None:
         if not texts:
             return None
-        hits, misses = self.cache.hits, self.cache.misses
-        embeds = await self.cache.embed(texts, self._encode_texts)
-        if self._on_cache is not None:
-            self._on_cache(self.cache.hits - hits, self.cache.misses - misses)
-        return embeds
+        return await self.cache.embed(texts, self._encode_texts)
 
 
 async def gather_or_cancel(coros: Sequence[Any]) -> list[Any]:

@@ -4,12 +4,13 @@
     ├── BadRequest          400  the client sent something we cannot use (names the offending item)
     │   └── FetchError      400  an image URL could not be fetched (names the URL and the reason)
     ├── Unauthorized        401  missing or wrong bearer token
+    ├── BodyTimeout         408  the request body did not arrive in time
     ├── PayloadTooLarge     413  body over SIGLIP_MAX_BODY_BYTES
     ├── Overloaded          429  too many requests in flight (with Retry-After)
     ├── NotReady            503  model still loading, or failed to load (with the reason)
     └── DeadlineExceeded    504  the request ran past SIGLIP_REQUEST_TIMEOUT_S
 
-Lower layers raise these; only the HTTP layer turns them into responses (``to_response``).
+Lower layers raise these; only the HTTP layer (``siglip.http``) turns them into responses.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class FetchError(BadRequest):
 class Unauthorized(ServiceError):
     status = 401
     headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
+
+
+class BodyTimeout(ServiceError):
+    status = 408
 
 
 class PayloadTooLarge(ServiceError):

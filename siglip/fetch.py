@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from .errors import FetchError
+from .errors import FetchError, Overloaded
 from .settings import Settings, fmt_bytes
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
@@ -109,6 +109,7 @@ def check_url(url: str, policy: FetchPolicy) -> str:
     host = parts.hostname
     if not host:
         raise ValueError("URL has no host")
+    _ = parts.port  # raises ValueError for a port that is not a number in 0-65535
     if not host_allowed(host, policy.allowlist):
         raise ValueError(f"host {host} is not in SIGLIP_URL_ALLOWLIST")
     return host
@@ -142,6 +143,8 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
                                                      socket_options=socket_options)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 last = exc
+            except (OSError, ValueError, OverflowError, ExceptionGroup) as exc:  # anyio's own, unmapped by httpcore
+                last = httpcore.ConnectError(f"could not connect to {address}: {exc}")
         raise last or httpcore.ConnectError(f"no address for {host}")
 
     async def connect_unix_socket(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
@@ -208,11 +211,17 @@ class Fetcher:
                 via = "" if current == url else f" (redirected to {current})"
                 raise FetchError(f"{where}: refusing to fetch {url}{via}: {exc}, which is not a public address "
                                  f"(set SIGLIP_ALLOW_PRIVATE_URLS=1 to allow)") from None
+            except httpx.PoolTimeout:
+                # Every pooled connection is busy with other requests' images: the server's limit, not the client's.
+                raise Overloaded("too many image downloads in flight; retry shortly") from None
             except httpx.TimeoutException as exc:
                 kind = "connecting" if isinstance(exc, httpx.ConnectTimeout) else "reading"
                 raise FetchError(f"{where}: fetching {url} timed out while {kind}") from None
             except httpx.HTTPError as exc:
                 raise FetchError(f"{where}: fetching {url} failed: {type(exc).__name__}: {exc}") from None
+            except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError (bad IDNA) is a ValueError
+                via = "" if current == url else f" (redirected to {current})"
+                raise FetchError(f"{where}: invalid URL {url}{via}: {exc}") from None
         raise FetchError(f"{where}: {url} redirected more than {self.policy.max_redirects} times")
 
     async def _read_capped(self, resp: httpx.Response, url: str, where: str) -> bytes:
@@ -221,8 +230,12 @@ class Fetcher:
         length = resp.headers.get("content-length")
         if length and length.isdigit() and int(length) > cap:
             raise FetchError(too_big)
+        encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # Compressed bodies could inflate far past the cap between two checks; images need no compression.
+            raise FetchError(f"{where}: {url} sent a compressed ({encoding}) body; send the image bytes as they are")
         body = bytearray()
-        async for chunk in resp.aiter_bytes():
+        async for chunk in resp.aiter_raw():
             body += chunk
             if len(body) > cap:
                 raise FetchError(too_big)

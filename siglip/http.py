@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from .errors import BadRequest, Overloaded, PayloadTooLarge, ServiceError, Unauthorized
+from .errors import BadRequest, BodyTimeout, Overloaded, PayloadTooLarge, ServiceError, Unauthorized
 from .settings import MB, fmt_bytes
 
 logger = logging.getLogger("siglip.http")
@@ -81,13 +81,15 @@ def token_ok(header: str | None, tokens: tuple[str, ...]) -> bool:
 
 class RequestGuard:
     def __init__(self, app: Any, api_paths: frozenset[str], tokens: tuple[str, ...] = (),
-                 max_body_bytes: int = 64 * MB, max_concurrency: int = 256, max_inflight_body_bytes: int = 512 * MB):
+                 max_body_bytes: int = 64 * MB, max_concurrency: int = 256, max_inflight_body_bytes: int = 512 * MB,
+                 body_timeout_s: float = 120.0):
         self.app = app
         self.api_paths = api_paths
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
         self.max_concurrency = max_concurrency
         self.max_inflight_body_bytes = max_inflight_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.in_flight = 0
         self.inflight_body_bytes = 0  # bodies of requests being read or served
 
@@ -118,9 +120,16 @@ class RequestGuard:
         held = 0  # bytes of this body counted in inflight_body_bytes
         try:
             try:
-                body = await self._read_body(scope, receive)
+                try:
+                    async with asyncio.timeout(self.body_timeout_s):
+                        body = await self._read_body(scope, receive)
+                except TimeoutError:
+                    raise BodyTimeout(f"request body did not arrive within {self.body_timeout_s:g} s") from None
                 held = len(body)
                 check_body(body)
+            except (PayloadTooLarge, Overloaded, BodyTimeout) as exc:
+                # Refused mid-upload: the rest of the body is not read, so the connection cannot be reused.
+                return await _send_error(send, exc, close=True)
             except ServiceError as exc:
                 return await _send_error(send, exc)
             await self._serve(scope, receive, send, body)
@@ -144,11 +153,20 @@ class RequestGuard:
             await disconnected.wait()
             return {"type": "http.disconnect"}
 
-        app_task = asyncio.ensure_future(self.app(scope, replay, send))
+        response_done = False
+
+        async def tracked_send(message: dict[str, Any]) -> None:
+            nonlocal response_done
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                response_done = True  # from now on the server reports "disconnect" for a finished exchange
+
+        app_task = asyncio.ensure_future(self.app(scope, replay, tracked_send))
         watch = asyncio.ensure_future(receive())
         try:
             done, _ = await asyncio.wait({app_task, watch}, return_when=asyncio.FIRST_COMPLETED)
-            client_gone = app_task not in done and watch.result().get("type") == "http.disconnect"
+            client_gone = (app_task not in done and not response_done
+                           and watch.result().get("type") == "http.disconnect")
             if client_gone:
                 disconnected.set()
                 app_task.cancel()
@@ -158,6 +176,7 @@ class RequestGuard:
             watch.cancel()
             if not app_task.done():
                 app_task.cancel()
+                await asyncio.gather(app_task, return_exceptions=True)  # release limits only once it stopped
 
     async def _discard_body(self, scope: Scope, receive: Receive) -> None:
         """Read and drop a refused request's body (up to the body limit): answering while the client is still
@@ -203,9 +222,11 @@ class RequestGuard:
             raise
 
 
-async def _send_error(send: Send, exc: ServiceError) -> None:
+async def _send_error(send: Send, exc: ServiceError, close: bool = False) -> None:
     body = orjson.dumps({"error": exc.message})
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

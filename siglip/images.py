@@ -25,6 +25,11 @@ from .settings import fmt_bytes
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP"})
 FORMAT_NAMES = "JPEG, PNG, GIF, WebP or BMP"
 
+# PIL's own size warning must not decide (SIGLIP_MAX_IMAGE_PIXELS does, in open_checked); its hard error at twice
+# Image.MAX_IMAGE_PIXELS still stops absurd headers. A process-wide filter: catch_warnings is not thread-safe and
+# decoding runs in a thread pool.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+_PIL_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 _B64_CHARS = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
 
@@ -103,11 +108,8 @@ def looks_like_image_string(value: str) -> bool:
 def open_checked(data: bytes, where: str, max_pixels: int) -> Image.Image:
     """Open an image lazily (header only) and refuse unsupported formats and oversized dimensions."""
     try:
-        with warnings.catch_warnings():
-            # PIL's own (global) limit must not decide: max_pixels below does. Its hard error (at twice
-            # Image.MAX_IMAGE_PIXELS) still stops absurd headers, so report the limit that actually applied.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        # Only the plugins of the formats we accept ever see untrusted bytes.
+        img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
     except Image.DecompressionBombError:
         limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
         raise BadRequest(f"{where}: image dimensions are over the {limit / 1e6:g} megapixel limit "
@@ -155,9 +157,8 @@ def load_pixels(data: bytes, where: str, spec: ImageSpec, max_pixels: int) -> np
         raise BadRequest(f"{where}: image could not be decoded ({type(exc).__name__}: {exc})") from None
 
 
-def load_image_string(value: str, where: str, spec: ImageSpec, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """A base64/data-URI input straight to pixels (one call, so it runs as one unit in the decode pool)."""
-    return load_pixels(decode_image_string(value, where, max_bytes), where, spec, max_pixels)
+# Larger JPEGs are decoded in the gateway: a device batch of 64 full-resolution decodes must fit in GPU memory.
+FORWARD_MAX_PIXELS = 16_000_000
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def prepare_image(data: bytes, where: str, spec: ImageSpec, max_pixels: int,
     """Pixels, or (``forward_jpeg`` and a plain RGB/greyscale JPEG) the checked bytes themselves."""
     if forward_jpeg:
         img = open_checked(data, where, max_pixels)
-        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+        if img.format == "JPEG" and img.mode in ("RGB", "L") and img.size[0] * img.size[1] <= FORWARD_MAX_PIXELS:
             try:
                 orientation = int(img.getexif().get(0x0112, 1))
             except Exception:  # noqa: BLE001 - a broken EXIF block: PIL's exif_transpose would ignore it too

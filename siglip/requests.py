@@ -90,6 +90,10 @@ def parse_request(inputs: Any, parameters: Any, endpoint_mode: str | None = None
     if endpoint_mode is not None and requested is not None and requested != endpoint_mode:
         raise BadRequest(f"parameters.mode is {requested!r} but this endpoint is /{endpoint_mode}; "
                          f"send it to /{requested} or to /")
+    if isinstance(inputs, list) and len(inputs) > max(limits.max_images, limits.max_texts):
+        # Before detection, which looks at every item: a huge list must not cost time on the event loop.
+        raise BadRequest(f"{len(inputs)} inputs in one request, over the limits ({limits.max_images} images, "
+                         f"SIGLIP_MAX_IMAGES_PER_REQUEST; {limits.max_texts} texts, SIGLIP_MAX_TEXTS_PER_REQUEST)")
     mode = endpoint_mode or requested or detect_mode(inputs, parameters)
 
     if mode == "zero_shot":
@@ -184,12 +188,12 @@ def _items(value: Any, name: str, kind: str, limit: int, setting: str) -> tuple[
     elif isinstance(value, list):
         if not value:
             raise BadRequest(f"{name} must not be an empty list")
+        if len(value) > limit:
+            raise BadRequest(f"{len(value)} {kind}s in one request, over the limit of {limit} ({setting})")
         items, batched = [(f"{name}[{i}]", v) for i, v in enumerate(value)], True
     else:
         where = "" if name == "inputs" else f" ({name})"  # top level: the spec's exact text
         raise BadRequest(f"Unsupported {kind} input type: {type(value)}{where}")
-    if len(items) > limit:
-        raise BadRequest(f"{len(items)} {kind}s in one request, over the limit of {limit} ({setting})")
     for where, v in items:
         if not isinstance(v, str):
             raise BadRequest(f"Unsupported {kind} input type: {type(v)} ({where})")

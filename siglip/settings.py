@@ -32,14 +32,14 @@ class Settings:
     model: str = "google/siglip2-base-patch16-512"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: bool = False  # torch.compile the towers (slow start, faster steady state on GPU)
+    compile: bool = False  # torch.compile the vision tower (slow start; faster large batches on GPU)
     text_cache_size: int = 4096  # text embeddings kept per gateway worker (LRU); 0 disables
     device_decode: str = "auto"  # auto: JPEGs decoded by nvJPEG on the model's GPU when it can; on | off
 
     # Batching (model service)
     model_threads: int = 4  # threads running batches in the model service (image, JPEG and text batches overlap)
     max_batch_size: int = 64
-    max_latency_ms: int = 60_000  # a queued item waits at most this long before it is answered 503
+    max_latency_ms: int = 60_000  # a queued item waits at most this long in the model service (then 429)
 
     # Gateway
     coalesce_in_flight: int = 2  # model calls in flight per encoder per gateway worker; more requests wait and
@@ -81,6 +81,9 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[f.name] = _parse(name, raw.strip(), f.default)
+            if isinstance(f.default, tuple) and not values[f.name]:
+                # "," would otherwise turn auth, or the URL allowlist, silently off.
+                raise ValueError(f"{name}={raw!r} lists nothing; unset it instead")
         settings = cls(**values)
         settings.validate()
         return settings

@@ -333,3 +333,12 @@ def test_zero_shot_templates_only_raise_bad_request(inputs, labels, template):
     assert parsed.mode == "zero_shot" and parsed.labels == tuple(labels)
     for label, text in zip(labels, parsed.texts):
         assert label in text  # the label really is in what the model sees
+
+
+def test_huge_lists_are_refused_before_any_per_item_work():
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(BadRequest, match="100000 inputs in one request"):
+        parse_request(["aaaa"] * 100_000, None)
+    assert time.perf_counter() - t0 < 0.1

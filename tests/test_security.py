@@ -312,3 +312,20 @@ def test_schemathesis_finds_no_server_errors(fuzz):
            "not_a_server_error", "--max-examples", "40", "--seed", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+# -- regressions from review --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/a.png", "http://127.0.0.1/\x01.png"])
+def test_malformed_urls_are_a_400_not_a_500(service, url):
+    r = service.post("/image_embedding", {"inputs": url})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("inputs: ")
+
+
+def test_compressed_url_bodies_are_refused(service, image_server):
+    import gzip
+
+    url = image_server.add("/gz.png", Route(gzip.compress(encode(make_image(3))),
+                                            headers={"Content-Encoding": "gzip"}))
+    r = service.post("/", {"inputs": url})
+    assert r.status_code == 400 and "compressed" in r.json()["error"] and url in r.json()["error"]

@@ -109,3 +109,9 @@ def test_api_token_never_in_repr():
 def test_settings_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().max_batch_size = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["SIGLIP_API_TOKEN", "SIGLIP_URL_ALLOWLIST"])
+def test_a_list_setting_that_lists_nothing_fails_instead_of_failing_open(name):
+    with pytest.raises(ValueError, match=name):
+        Settings.from_env({name: " , "})

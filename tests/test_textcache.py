@@ -131,3 +131,24 @@ def test_concurrent_callers_get_their_own_answers():
     for out, texts in zip(outs, [["a", "b"], ["b", "c"], ["c", "a"]]):
         np.testing.assert_array_equal(out, np.stack([FakeCompute.vector(t) for t in texts]))
     assert set(compute.computed) == {"a", "b", "c"}
+
+
+def test_cached_rows_do_not_keep_their_batch_alive():
+    async def compute(keys):
+        return np.ones((len(keys), 8), dtype=np.float32)
+
+    cache = TextEmbeddingCache(capacity=10)
+    asyncio.run(cache.embed(["a", "b", "c"], compute))
+    assert all(row.base is None for row in cache._entries.values())
+
+
+def test_each_lookup_reports_its_own_hits_and_misses():
+    seen = []
+
+    async def compute(keys):
+        return np.zeros((len(keys), 2), dtype=np.float32)
+
+    cache = TextEmbeddingCache(capacity=10, on_lookup=lambda h, m: seen.append((h, m)))
+    asyncio.run(cache.embed(["a", "b"], compute))
+    asyncio.run(cache.embed(["a", "c", "a"], compute))
+    assert seen == [(0, 2), (2, 1)]
