@@ -26,24 +26,23 @@ TEXTS = ["a photo of a cat", "glossy white porcelain tile", "Rustic OAK wood flo
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures and helpers
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def encoder(tiny_checkpoint):
+def _loaded_encoder(path, dtype: str):
     from siglip.encoder import SiglipEncoder
 
-    enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32")
+    enc = SiglipEncoder(str(path), device="cpu", dtype=dtype)
     enc.load()
     assert enc.error is None, enc.error
     return enc
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint):
+    return _loaded_encoder(tiny_checkpoint, "float32")
 
 
 @pytest.fixture(scope="module")
 def encoder_bf16(tiny_checkpoint):
-    from siglip.encoder import SiglipEncoder
-
-    enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
-    enc.load()
-    assert enc.error is None, enc.error
-    return enc
+    return _loaded_encoder(tiny_checkpoint, "bfloat16")
 
 
 @pytest.fixture(scope="module")
