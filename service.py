@@ -42,7 +42,10 @@ image = bentoml.images.Image(python_version="3.11").requirements_file("requireme
 @bentoml.service(
     name="SiglipModel",
     image=image,
-    workers=1,
+    # One worker per GPU by default (worker i uses cuda:(i-1) mod the visible GPUs); SIGLIP_MODEL_WORKERS above
+    # the GPU count puts several processes on one GPU, each with its own HTTP handling.
+    workers=settings.model_workers,
+    **({"resources": {"gpu": settings.gpus}} if settings.gpus else {}),
     # Image, JPEG and text batches may overlap: one prepares on the CPU while another runs on the GPU.
     threads=settings.model_threads,
     traffic={"timeout": settings.request_timeout_s + 30},

@@ -36,6 +36,9 @@ class Settings:
     text_cache_size: int = 4096  # text embeddings kept per gateway worker (LRU); 0 disables
     device_decode: str = "auto"  # auto: JPEGs decoded by nvJPEG on the model's GPU when it can; on | off
 
+    # Model service processes
+    model_workers: int = 1  # model processes, spread round-robin over the visible GPUs (several may share one)
+    gpus: int = 0  # GPUs the model service asks BentoML for (resources); 0: use whatever is visible
     # Batching (model service)
     model_threads: int = 4  # threads running batches in the model service (image, JPEG and text batches overlap)
     max_batch_size: int = 64
@@ -95,7 +98,9 @@ class Settings:
             raise ValueError(f"SIGLIP_DEVICE_DECODE must be auto, on or off, not {self.device_decode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"SIGLIP_DTYPE must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
-        for name in ("model_threads", "max_batch_size", "max_latency_ms", "gateway_workers", "decode_threads", "max_concurrency",
+        if self.gpus < 0:
+            raise ValueError("SIGLIP_GPUS must be 0 or more")
+        for name in ("model_workers", "model_threads", "max_batch_size", "max_latency_ms", "gateway_workers", "decode_threads", "max_concurrency",
                      "max_parallel_fetches", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                      "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_inflight_body_bytes"):
             if getattr(self, name) <= 0:
