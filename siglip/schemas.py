@@ -1,4 +1,4 @@
-"""Typed shapes of what the API takes and answers (also what /docs.json shows)."""
+"""The typed request parameters (validated in ``siglip.requests``) and the names of the modes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MODES = ("zero_shot", "image_embedding", "text_embedding", "similarity")
-Mode = Literal["zero_shot", "image_embedding", "text_embedding", "similarity"]
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 
@@ -26,26 +25,3 @@ class Parameters(BaseModel):
         "softmax", description="zero_shot: softmax over the labels (sum to 1, the default), sigmoid (SigLIP's "
                               "native independent probabilities) or none (raw logits)")
     top_k: int | None = Field(None, ge=1, description="zero_shot: return only the k best labels")
-
-
-class LabelScore(BaseModel):
-    label: str
-    score: float
-
-
-class Embedding(BaseModel):
-    embedding: list[float] = Field(description="L2-normalized embedding vector")
-
-
-class SimilarityResponse(BaseModel):
-    similarity_scores: list[list[float]] = Field(description="[image_count][text_count] cosine similarities")
-    image_count: int
-    text_count: int
-
-
-class ErrorResponse(BaseModel):
-    error: str
-
-
-ZeroShotResponse = list[LabelScore] | list[list[LabelScore]]
-EmbeddingResponse = list[Embedding]
