@@ -62,7 +62,8 @@ class SiglipModel:
         logging.getLogger("siglip").disabled = False
         worker = bentoml.server_context.worker_index or 1
         self.encoder = SiglipEncoder(settings.model, settings.device, settings.dtype, worker_index=worker,
-                                     compile=settings.compile, device_decode=settings.device_decode)
+                                     compile=settings.compile, device_decode=settings.device_decode,
+                                     cuda_graphs=settings.cuda_graphs, max_batch_size=settings.max_batch_size)
         self.encoder.start_loading()
         self._batchers_trained: asyncio.Future | None = None
 

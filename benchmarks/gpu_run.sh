@@ -1,29 +1,56 @@
 #!/usr/bin/env bash
-# The GPU session in one command: two configurations of the service, one after the other, on the same card.
-#   A. defaults: JPEGs decoded by nvJPEG next to the model (SIGLIP_DEVICE_DECODE=auto), plus the naive baseline
-#      and the overload test;
-#   B. SIGLIP_DEVICE_DECODE=off: every image decoded with PIL in the gateway (latency + a short sweep).
-# Results in $OUT: gpu.txt, A.log, B.log (all tables) and results.tgz (every JSON and server log).
+# The H100 session in one command (about 6 minutes of a 15-minute device budget): the current defaults against
+# the naive baseline in the same run, then the two opt-in throughput knobs, on the same card:
+#   A. defaults (nvJPEG decode next to the model, gateway coalescing): naive baseline, latency, full sweep
+#   P. profile_request.py --cuda-graphs: every stage of one request in-process, eager and graph-replayed
+#   G. SIGLIP_CUDA_GRAPHS=1: latency + sweep
+#   W. SIGLIP_CUDA_GRAPHS=1 SIGLIP_MODEL_WORKERS=2 (two model processes on the one GPU): latency + sweep
+# Results in $OUT: gpu.txt, A.log, profile.log, G.log, W.log (all tables) and results.tgz (JSON, metrics, logs).
 #
-#   bash benchmarks/gpu_run.sh            # on the GPU host (see benchmarks/README.md for the wheels to carry)
+#   bash benchmarks/gpu_run.sh      # on the GPU host (see benchmarks/README.md for the wheels to carry)
+#   SIZE=tiny BUDGET_SCALE=0.5 bash benchmarks/gpu_run.sh     # a CPU rehearsal of the whole script
 set -u
 cd "$(dirname "$0")/.."
 OUT_ROOT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT_ROOT"
-export PY=${PY:-python3}
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export PY SIZE=${SIZE:-full}
 export SIGLIP_GATEWAY_WORKERS=${SIGLIP_GATEWAY_WORKERS:-8} SIGLIP_DECODE_THREADS=${SIGLIP_DECODE_THREADS:-2}
+CKPT=${CKPT:-/tmp/siglip-bench-ckpt-$SIZE}
+export CKPT
+SCALE=${BUDGET_SCALE:-1}
+budget() { awk -v s="$SCALE" -v b="$1" 'BEGIN { printf "%d", s * b }'; }
 { date -u +%Y-%m-%dT%H:%M:%SZ; git rev-parse --short HEAD 2>/dev/null || true
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"
   nproc; } | tee "$OUT_ROOT/gpu.txt"
 
-OUT=/tmp/bench-A BUDGET_S=${BUDGET_A:-330} bash benchmarks/run_all.sh >"$OUT_ROOT/A.log" 2>&1
+short=(LOAD_DURATION=0 NAIVE_REQUESTS=0 LAT_REQUESTS=${LAT_REQUESTS:-40} TP_DURATION=${TP_DURATION:-6}
+       TP_OTHER_DURATION=5 TP_ZS_LEVELS=32 TP_TEXT_LEVELS=32)
+env "${short[@]}" NAIVE_REQUESTS=${NAIVE_REQUESTS:-20} OUT=/tmp/bench-A PORT=3000 TP_IMAGE_LEVELS=1,32,128,256 \
+  BUDGET_S="$(budget 170)" bash benchmarks/run_all.sh >"$OUT_ROOT/A.log" 2>&1
 echo "A exit $?" | tee -a "$OUT_ROOT/gpu.txt"
-SIGLIP_DEVICE_DECODE=off OUT=/tmp/bench-B PORT=$((${PORT:-3000} + 1)) NAIVE_REQUESTS=0 LOAD_DURATION=0 TP_IMAGE_LEVELS=${TP_B_LEVELS:-1,32,256} \
-  TP_ZS_LEVELS=1,64 TP_TEXT_LEVELS=1 TP_DURATION=6 TP_OTHER_DURATION=4 BUDGET_S=${BUDGET_B:-160} \
-  bash benchmarks/run_all.sh >"$OUT_ROOT/B.log" 2>&1
-echo "B exit $?" | tee -a "$OUT_ROOT/gpu.txt"
-tar czf "$OUT_ROOT/results.tgz" -C /tmp bench-A bench-B 2>/dev/null
-for run in A B; do
+
+mkdir -p /tmp/bench-P
+timeout "$(budget 80)" "$PY" benchmarks/profile_request.py --model "$CKPT" --cuda-graphs \
+  --json /tmp/bench-P/profile.json >"$OUT_ROOT/profile.log" 2>&1
+echo "profile exit $?" | tee -a "$OUT_ROOT/gpu.txt"
+
+env "${short[@]}" SIGLIP_CUDA_GRAPHS=1 OUT=/tmp/bench-G PORT=3001 TP_IMAGE_LEVELS=1,32,128,256 \
+  BUDGET_S="$(budget 100)" bash benchmarks/run_all.sh >"$OUT_ROOT/G.log" 2>&1
+echo "G exit $?" | tee -a "$OUT_ROOT/gpu.txt"
+env "${short[@]}" SIGLIP_CUDA_GRAPHS=1 SIGLIP_MODEL_WORKERS=2 OUT=/tmp/bench-W PORT=3002 TP_IMAGE_LEVELS=32,128,256 \
+  TP_ZS_LEVELS=32 TP_TEXT_LEVELS=1 BUDGET_S="$(budget 90)" bash benchmarks/run_all.sh >"$OUT_ROOT/W.log" 2>&1
+echo "W exit $?" | tee -a "$OUT_ROOT/gpu.txt"
+
+tar czf "$OUT_ROOT/results.tgz" -C /tmp bench-A bench-P bench-G bench-W 2>/dev/null
+sed -n '/where the time/,$p' "$OUT_ROOT/profile.log"
+for run in A G W; do
   echo "=============================== $run ==============================="
-  sed -n '/=== SUMMARY/,$p' "$OUT_ROOT/$run.log" | grep -v "^\[transformers\]\|Loading weights" | cut -c1-160
+  grep -h "CUDA graph\|CUDA_GRAPHS\|Loaded " "/tmp/bench-$run/server.log" 2>/dev/null |
+    head -4 | cut -c1-220
+  sed -n '/=== SUMMARY/,$p' "$OUT_ROOT/$run.log" |
+    grep -E "SIGLIP_|^ *(case|single|batch10|zero_shot|conc|[0-9]+ ) |^ *[0-9.]+ +(cpu|cuda)|throughput|adaptive|ready|naive|exit|total" |
+    cut -c1-160
 done

@@ -2,7 +2,8 @@
 
 Stages (one 800x600 JPEG, base64, as in latency.py): JSON parse of the body, base64 decode, JPEG header check
 (the forwarded-JPEG path), PIL decode + resize (the gateway path), the model service's work for one image
-(nvJPEG decode + resize on the device, or uint8 pixels -> device), the bf16 vision tower alone at batch 1 and 32,
+(nvJPEG decode + resize on the device, or uint8 pixels -> device), the bf16 vision tower alone at batch 1 and 32
+(and replayed from CUDA graphs with --cuda-graphs),
 the text tower for 10 labels, and JSON encoding of the answer. Each row is the median of --repeat runs, with the
 device synchronized. It also runs the encoder call from a worker thread (as BentoML does) to expose threading
 costs. Compare the sum with latency.py's end-to-end p50 to get the serving overhead (HTTP, IPC, batching).
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="load as SIGLIP_CUDA_GRAPHS=1 does and also time the graph replays")
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from siglip.images import ImageSpec, JpegPayload, decode_image_string, load_pixels, prepare_image
 
     log(f"loading {args.model} ...")
-    enc = SiglipEncoder(args.model, device=args.device, dtype=args.dtype, device_decode="auto")
+    enc = SiglipEncoder(args.model, device=args.device, dtype=args.dtype, device_decode="auto",
+                        cuda_graphs=args.cuda_graphs)
     enc.load()
     if enc.info is None:
         log(f"load failed: {enc.error}")
@@ -90,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         add("model", "vision tower alone, batch 1", lambda: enc._vision(pixel_values=x1))
         add("model", "vision tower alone, batch 32 (per call)", lambda: enc._vision(pixel_values=x32), 10)
+        if info.cuda_graphs:
+            add("model", "vision tower + normalize from CUDA graphs, batch 1", lambda: enc._embed(x1))
+            add("model", "vision tower + normalize from CUDA graphs, batch 32 (per call)", lambda: enc._embed(x32), 10)
     add("model", "encode_images: 1 image as uint8 pixels (all model-side work)",
         lambda: enc.encode_images(pixels[None]))
     if info.jpeg_decode:
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(f"where the time of one request goes ({info.device}, {info.dtype}, median of {args.repeat})",
                 ["side", "stage", "ms"], [(w, s, f"{ms:.2f}") for w, s, ms in rows])
     write_json(args.json, {"meta": meta("profile_request", model=args.model, device=info.device, dtype=info.dtype,
-                                        jpeg_decode=info.jpeg_decode),
+                                        jpeg_decode=info.jpeg_decode, cuda_graphs=info.cuda_graphs),
                            "stages": [{"side": w, "stage": s, "ms": ms} for w, s, ms in rows]})
     return 0
 

@@ -40,6 +40,7 @@ class ModelInfo:
     logit_scale: float  # raw parameter; logits use exp(logit_scale)
     logit_bias: float
     jpeg_decode: str | None = None  # "nvjpeg" / "pil" when the gateway may forward JPEG bytes, else None
+    cuda_graphs: str | None = None  # the captured batch sizes, "1,2,4,...", when the vision tower runs from graphs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,9 +80,11 @@ def resolve_dtype(requested: str, device: str):
 
 class SiglipEncoder:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", worker_index: int = 1,
-                 compile: bool = False, warmup_batch_sizes: Sequence[int] = (1,), device_decode: str = "off"):
+                 compile: bool = False, warmup_batch_sizes: Sequence[int] = (1,), device_decode: str = "off",
+                 cuda_graphs: bool = False, max_batch_size: int = 64):
         self.model_id = model
         self._requested = (device, dtype, worker_index, compile)
+        self._graph_max_batch = max_batch_size if cuda_graphs else 0
         self._device_decode = device_decode  # auto | on | off
         self._warmup_sizes = tuple(warmup_batch_sizes)
         self.info: ModelInfo | None = None
@@ -148,6 +151,10 @@ class SiglipEncoder:
             # Batch sizes vary with load: one dynamic-shape graph instead of a recompile per batch size.
             self._vision = torch.compile(model.get_image_features, dynamic=True)
         self._size = (height, width)
+        self._embed = self._embed_eager
+        graphs = self._capture_graphs() if self._graph_max_batch else None
+        if graphs is not None:
+            self._embed = graphs
         self._decode_jpegs = self._jpeg_decoder()
         embed_dim = int(model.config.vision_config.hidden_size)
         self.info = ModelInfo(
@@ -156,6 +163,7 @@ class SiglipEncoder:
             embed_dim=embed_dim, logit_scale=float(model.logit_scale.detach().float().cpu()),
             logit_bias=float(model.logit_bias.detach().float().cpu()),
             jpeg_decode=getattr(self._decode_jpegs, "backend", None),
+            cuda_graphs=",".join(map(str, graphs.buckets)) if graphs is not None else None,
         )
         self.load_seconds = time.perf_counter() - t0
 
@@ -167,9 +175,11 @@ class SiglipEncoder:
         self.encode_texts(["warm-up"])
         self.warmup_seconds = time.perf_counter() - t1
         self.ready.set()
-        logger.info("Loaded %s on %s (%s): %dx%d images, %d-dim embeddings, JPEG decode in %s; "
+        logger.info("Loaded %s on %s (%s): %dx%d images, %d-dim embeddings, JPEG decode in %s, vision tower %s; "
                     "load %.1f s, warm-up %.1f s", self.model_id, device, self.info.dtype, height, width, embed_dim,
-                    self.info.jpeg_decode or "the gateway", self.load_seconds, self.warmup_seconds)
+                    self.info.jpeg_decode or "the gateway",
+                    f"from CUDA graphs ({self.info.cuda_graphs})" if self.info.cuda_graphs else "eager",
+                    self.load_seconds, self.warmup_seconds)
 
     def status(self) -> dict[str, Any]:
         return {"ready": self.ready.is_set(), "error": self.error,
@@ -184,7 +194,7 @@ class SiglipEncoder:
             if self._device.type == "cuda":
                 x = x.pin_memory().to(self._device, non_blocking=True)
             x = x.permute(0, 3, 1, 2).float().mul_(self._pixel_mul).add_(self._pixel_add).to(self._dtype)
-            return self._finish(self._vision(pixel_values=x))
+            return self._embed(x).cpu().numpy()
 
     def encode_jpegs(self, items: Sequence[tuple[bytes, int]]) -> np.ndarray:
         """(JPEG bytes, EXIF orientation) -> float32 (N, D), decoded and resized on the model's device.
@@ -197,19 +207,43 @@ class SiglipEncoder:
         with torch.inference_mode():
             decoded = self._decode_jpegs([data for data, _ in items])
             x = torch.zeros((len(items), 3, height, width), dtype=torch.float32, device=self._device)
-            bad = []
+            bad = [i for i, img in enumerate(decoded) if img is None]
+            # Images of one size (the usual case: one camera, one catalog) are resized in one call, not one each.
+            by_shape: dict[tuple[int, ...], list[tuple[int, Any]]] = {}
             for i, (img, (_, orientation)) in enumerate(zip(decoded, items)):
-                if img is None:
-                    bad.append(i)
-                    continue
-                img = apply_orientation(img, orientation)
+                if img is not None:
+                    img = apply_orientation(img, orientation)
+                    by_shape.setdefault(tuple(img.shape), []).append((i, img))
+            for group in by_shape.values():
+                rows = [i for i, _ in group]
+                batch = torch.stack([img for _, img in group]).float()
                 # Antialiased bilinear in float, rounded like PIL's uint8 resize: cosine >= 0.9999 vs PIL.
-                x[i] = F.interpolate(img[None].float(), size=(height, width), mode="bilinear", antialias=True,
-                                     align_corners=False)[0].round_().clamp_(0, 255)
+                x[rows] = F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True,
+                                        align_corners=False).round_().clamp_(0, 255)
             x = x.mul_(self._pixel_mul).add_(self._pixel_add).to(self._dtype)
-            out = self._finish(self._vision(pixel_values=x))
+            out = self._embed(x).cpu().numpy()
         out[bad] = np.nan
         return out
+
+    def _embed_eager(self, pixel_values: Any) -> Any:
+        """Normalized pixels (N, 3, H, W) in the model dtype -> L2-normalized float32 embeddings, on the device."""
+        return self._normalized(self._vision(pixel_values=pixel_values))
+
+    def _normalized(self, out: Any) -> Any:
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        return self._torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def _capture_graphs(self):
+        if self._device.type != "cuda":
+            logger.warning("SIGLIP_CUDA_GRAPHS=1 needs a CUDA device; the vision tower runs eager on %s", self._device)
+            return None
+        from .graphs import bucket_sizes, graph_or_none
+
+        torch, (height, width) = self._torch, self._size
+        return graph_or_none(
+            torch, self._embed_eager,
+            lambda b: torch.zeros((b, 3, height, width), dtype=self._dtype, device=self._device),
+            bucket_sizes(self._graph_max_batch))
 
     def _jpeg_decoder(self):
         """A batch decoder list[bytes] -> list[(3, h, w) uint8 tensor on the device | None], or None when the
@@ -233,12 +267,7 @@ class SiglipEncoder:
         torch = self._torch
         ids = torch.from_numpy(tokenize(self._tokenizer, texts)).to(self._device)
         with torch.inference_mode():
-            return self._finish(self._text(input_ids=ids))
-
-    def _finish(self, out: Any) -> np.ndarray:
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        feats = self._torch.nn.functional.normalize(feats.float(), dim=-1)
-        return feats.cpu().numpy()
+            return self._normalized(self._text(input_ids=ids)).cpu().numpy()
 
 
 def apply_orientation(img: Any, orientation: int) -> Any:

@@ -33,6 +33,7 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False  # torch.compile the vision tower (slow start; faster large batches on GPU)
+    cuda_graphs: bool = False  # replay the vision tower from CUDA graphs captured per batch bucket (CUDA only)
     text_cache_size: int = 4096  # text embeddings kept per gateway worker (LRU); 0 disables
     device_decode: str = "auto"  # auto: JPEGs decoded by nvJPEG on the model's GPU when it can; on | off
 
@@ -112,6 +113,8 @@ class Settings:
                      "fetch_total_timeout_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must be a positive number of seconds")
+        if self.compile and self.cuda_graphs:
+            raise ValueError("SIGLIP_COMPILE and SIGLIP_CUDA_GRAPHS are alternatives; set one of them")
         if not math.isfinite(self.jpeg_draft_factor) or self.jpeg_draft_factor < 0:
             raise ValueError("SIGLIP_JPEG_DRAFT_FACTOR must be 0 (off) or a positive number")
 

@@ -53,3 +53,30 @@ def test_undecodable_jpeg_fails_only_its_request(forwarding):
     if r.status_code == 400:
         assert "inputs[1]" in r.json()["error"]
     assert forwarding.post("/image_embedding", {"inputs": b64(good)}).status_code == 200
+
+
+def test_one_call_with_mixed_sizes_orientations_and_a_bad_file(tiny_checkpoint, reference):
+    """Images of the same decoded size are resized together: every row must still be its own image, in order."""
+    from siglip.encoder import SiglipEncoder
+
+    enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", device_decode="on")
+    enc.load()
+    assert enc.error is None and enc.info.jpeg_decode == "pil"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    blobs = [encode(make_image(30, size=(160, 120)), "JPEG", quality=95),
+             encode(make_image(31, size=(120, 160)), "JPEG", quality=95),  # same decoded size as [2] after its rotation
+             encode(make_image(32, size=(160, 120)), "JPEG", quality=95, exif=exif),
+             b"\xff\xd8\xff" + bytes(300),  # undecodable
+             encode(make_image(33, size=(160, 120)), "JPEG", quality=95),
+             encode(make_image(34, size=(90, 200)), "JPEG", quality=95)]
+    orientations = [1, 1, 6, 1, 1, 1]
+    got = enc.encode_jpegs(list(zip(blobs, orientations)))
+    assert np.isnan(got[3]).all() and not np.isnan(np.delete(got, 3, axis=0)).any()
+    good = [0, 1, 2, 4, 5]
+    want = reference.image_embeds([Image.open(io.BytesIO(blobs[i])) for i in good])
+    cos = (got[good] * want).sum(axis=1)
+    assert cos.min() > 0.9999, cos
+    assert np.argmax(got[good] @ want.T, axis=1).tolist() == list(range(len(good)))
+    alone = enc.encode_jpegs([(blobs[2], 6)])[0]
+    np.testing.assert_allclose(alone, got[2], atol=1e-5)

@@ -1,0 +1,71 @@
+"""CUDA-graph batch buckets (``siglip.graphs``): the plan that maps a batch onto captured sizes, and the encoder's
+fallback to eager where graphs cannot run. Capture and replay themselves need a GPU: the service checks every
+capture against the eager forward at start-up (``graph_or_none``) and runs eager when they differ."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from conftest import encode, make_image
+from hypothesis import given
+from hypothesis import strategies as st
+
+from siglip.graphs import bucket_sizes, plan_batches
+from siglip.settings import Settings
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(64) == (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    assert bucket_sizes(1) == (1,)
+    assert bucket_sizes(5) == (1, 2, 4, 5)
+    assert bucket_sizes(100) == (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 100)
+    with pytest.raises(ValueError):
+        bucket_sizes(0)
+
+
+def test_plan_examples():
+    b = bucket_sizes(64)
+    assert plan_batches(0, b) == []
+    assert plan_batches(1, b) == [1]
+    assert plan_batches(3, b) == [4]  # one padded row
+    assert plan_batches(5, b) == [6]
+    assert plan_batches(17, b) == [16, 1]  # 24 would pad 7 rows: run 16 + 1 instead
+    assert plan_batches(33, b) == [32, 1]
+    assert plan_batches(40, b) == [48]
+    assert plan_batches(64, b) == [64]
+    assert plan_batches(130, b) == [64, 64, 2]
+
+
+@given(n=st.integers(0, 400), max_batch=st.integers(1, 128))
+def test_plan_covers_the_batch_and_pads_little(n, max_batch):
+    buckets = bucket_sizes(max_batch)
+    plan = plan_batches(n, buckets)
+    assert all(b in buckets for b in plan)
+    assert sum(plan) >= n
+    if plan:
+        assert sum(plan[:-1]) < n  # every bucket but the last holds only real rows
+        assert sum(plan) - n <= max(1, plan[-1] // 4)
+
+
+def test_compile_and_graphs_are_alternatives():
+    with pytest.raises(ValueError, match="SIGLIP_COMPILE and SIGLIP_CUDA_GRAPHS"):
+        Settings.from_env({"SIGLIP_COMPILE": "1", "SIGLIP_CUDA_GRAPHS": "1"})
+    assert Settings.from_env({"SIGLIP_CUDA_GRAPHS": "1"}).cuda_graphs is True
+
+
+def test_graphs_requested_on_cpu_run_eager_with_a_warning(tiny_checkpoint, reference, caplog):
+    from siglip.encoder import SiglipEncoder
+    from siglip.images import ImageSpec, load_pixels
+
+    enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", cuda_graphs=True)
+    with caplog.at_level(logging.WARNING, logger="siglip.encoder"):
+        enc.load()
+    assert enc.error is None and enc.info.cuda_graphs is None
+    assert "SIGLIP_CUDA_GRAPHS=1 needs a CUDA device" in caplog.text
+    spec = ImageSpec(enc.info.image_height, enc.info.image_width, resample=enc.info.resample)
+    images = [make_image(i) for i in range(3)]
+    got = enc.encode_images(np.stack([load_pixels(encode(im), "x", spec, 10**9) for im in images]))
+    cos = (got * reference.image_embeds(images)).sum(axis=1)
+    assert cos.min() > 0.9999, cos
