@@ -24,7 +24,7 @@ from pydantic import Field
 from siglip.engine import Engine
 from siglip.errors import NotReady, Overloaded
 from siglip.fetch import Fetcher, FetchPolicy
-from siglip.http import RequestGuard, answer
+from siglip.http import RequestGuard, answer, set_keep_alive
 from siglip.images import tiny_jpeg
 from siglip.settings import get_settings
 
@@ -34,6 +34,8 @@ logging.getLogger("siglip").setLevel(logging.INFO)
 logger = logging.getLogger("siglip.service")
 
 settings = get_settings()
+if settings.keep_alive_s:
+    set_keep_alive(settings.keep_alive_s)  # both services: the gateway's clients and its own calls to the model
 API_ROUTES = ("/", "/zero_shot", "/image_embedding", "/text_embedding", "/similarity")
 
 image = bentoml.images.Image(python_version="3.11").requirements_file("requirements.txt")

@@ -243,7 +243,7 @@ class SiglipEncoder:
         return graph_or_none(
             torch, self._embed_eager,
             lambda b: torch.zeros((b, 3, height, width), dtype=self._dtype, device=self._device),
-            bucket_sizes(self._graph_max_batch))
+            bucket_sizes(self._graph_max_batch), self._device)
 
     def _jpeg_decoder(self):
         """A batch decoder list[bytes] -> list[(3, h, w) uint8 tensor on the device | None], or None when the

@@ -67,8 +67,9 @@ class GraphedFunction:
     """
 
     def __init__(self, torch: Any, fn: Callable[[Any], Any], example: Callable[[int], Any],
-                 buckets: Sequence[int]):
+                 buckets: Sequence[int], device: Any):
         self._torch = torch
+        self._device = device
         self._fn = fn
         self._example = example  # batch size -> an input tensor of that batch size (the static input buffer)
         self.buckets = tuple(sorted(buckets))
@@ -79,21 +80,23 @@ class GraphedFunction:
         """Capture every bucket (largest first, so the smaller graphs reuse its memory pool); returns seconds."""
         torch = self._torch
         t0 = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
+        # On the model's device (not cuda:0) and on one side stream for warm-up and capture alike: cuBLAS and
+        # cuDNN allocate per-stream workspaces on first use, which must not happen during capture.
+        with torch.cuda.device(self._device), torch.inference_mode():
+            pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
             for b in sorted(self.buckets, reverse=True):
                 static_in = self._example(b)
-                side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, autotuning) before capture
+                with torch.cuda.stream(side):
                     for _ in range(2):
                         self._fn(static_in)
-                torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=side):
                     static_out = self._fn(static_in)
+                torch.cuda.current_stream().wait_stream(side)
                 self._graphs[b] = (graph, static_in, static_out)
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     def check_parity(self) -> float:
@@ -113,7 +116,9 @@ class GraphedFunction:
         torch = self._torch
         outs = []
         start = 0
-        with torch.inference_mode():
+        # The device guard: replays go to the current stream of the *current* device, which in a BentoML worker
+        # thread is cuda:0 whatever GPU this worker uses.
+        with torch.cuda.device(self._device), torch.inference_mode():
             for b in plan_batches(x.shape[0], self.buckets):
                 chunk = x[start:start + b]
                 n = chunk.shape[0]
@@ -127,9 +132,9 @@ class GraphedFunction:
 
 
 def graph_or_none(torch: Any, fn: Callable[[Any], Any], example: Callable[[int], Any],
-                  buckets: Sequence[int]) -> GraphedFunction | None:
+                  buckets: Sequence[int], device: Any) -> GraphedFunction | None:
     """Capture ``fn`` for ``buckets``, check it against eager, and return it; None (eager) on any failure."""
-    graphed = GraphedFunction(torch, fn, example, buckets)
+    graphed = GraphedFunction(torch, fn, example, buckets, device)
     try:
         seconds = graphed.capture()
         worst = graphed.check_parity()

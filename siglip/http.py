@@ -10,6 +10,7 @@ the request's task is cancelled so no work is done for nobody.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -220,6 +221,28 @@ class RequestGuard:
         except BaseException:
             self.inflight_body_bytes -= size
             raise
+
+
+def set_keep_alive(seconds: float) -> None:
+    """Keep idle client connections open ``seconds`` in the uvicorn servers BentoML starts in this process.
+
+    BentoML runs uvicorn with a 5 s keep-alive, no longer than clients keep idle pooled connections (httpx 5 s,
+    aiohttp 15 s, cloud load balancers 60 s). When the server closes first, a request the client sends on that
+    connection at the same moment meets a reset: ~0.5% of requests failed with ReadError under overload, and the
+    same race gives sporadic 502s behind load balancers. A server keep-alive longer than any client's removes it.
+    uvicorn has no environment variable for this and BentoML only a hidden CLI flag, so the Config is adjusted
+    when BentoML's worker creates it (after importing the service).
+    """
+    import uvicorn
+
+    original = getattr(uvicorn.Config.__init__, "__wrapped__", uvicorn.Config.__init__)
+
+    @functools.wraps(original)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.timeout_keep_alive = seconds
+
+    uvicorn.Config.__init__ = init  # type: ignore[method-assign]
 
 
 async def _send_error(send: Send, exc: ServiceError, close: bool = False) -> None:

@@ -52,6 +52,8 @@ class Settings:
     decode_threads: int = 4  # image decode/resize threads per gateway worker
     request_timeout_s: float = 120.0  # whole-request deadline (504 past it)
     max_concurrency: int = 256  # requests in flight per gateway worker before 429
+    keep_alive_s: float = 75.0  # idle HTTP connections kept open (longer than clients' and load balancers'); 0:
+    # BentoML's 5 s
     jpeg_draft_factor: float = 0.0  # decode JPEGs at reduced size when >= this many times the model size (0 = off)
 
     # URL fetching
@@ -115,6 +117,8 @@ class Settings:
                 raise ValueError(f"SIGLIP_{name.upper()} must be a positive number of seconds")
         if self.compile and self.cuda_graphs:
             raise ValueError("SIGLIP_COMPILE and SIGLIP_CUDA_GRAPHS are alternatives; set one of them")
+        if not math.isfinite(self.keep_alive_s) or self.keep_alive_s < 0:
+            raise ValueError("SIGLIP_KEEP_ALIVE_S must be 0 (BentoML's default) or a positive number of seconds")
         if not math.isfinite(self.jpeg_draft_factor) or self.jpeg_draft_factor < 0:
             raise ValueError("SIGLIP_JPEG_DRAFT_FACTOR must be 0 (off) or a positive number")
 

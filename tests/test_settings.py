@@ -83,6 +83,8 @@ def test_strings():
     ("SIGLIP_FETCH_TOTAL_TIMEOUT_S", "-1"),
     ("SIGLIP_FETCH_CONNECT_TIMEOUT_S", "inf"),
     ("SIGLIP_JPEG_DRAFT_FACTOR", "-2"),
+    ("SIGLIP_KEEP_ALIVE_S", "-1"),
+    ("SIGLIP_KEEP_ALIVE_S", "inf"),
     ("SIGLIP_TEXT_CACHE_SIZE", "-1"),
     ("SIGLIP_FETCH_MAX_REDIRECTS", "-1"),
     ("SIGLIP_COMPILE", "maybe"),
