@@ -6,15 +6,18 @@ The scripts run as ``python benchmarks/NAME.py`` (so this directory is on ``sys.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import io
 import json
+import math
 import os
 import platform
 import socket
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -168,3 +171,24 @@ def wait_ready(url: str, timeout_s: float = 60.0) -> None:
 def status_key(status: int | None, exc: BaseException | None = None) -> str:
     """How a request ended, as a JSON key: "200", "503", or the client-side exception's name."""
     return str(status) if exc is None else type(exc).__name__
+
+
+# Connections per httpx client: httpcore's pool scans its connections for every request it queues or finishes, so
+# one pool of hundreds of kept-alive connections costs the load generator more CPU than the server it measures.
+CONNECTIONS_PER_CLIENT = 32
+
+
+@contextlib.asynccontextmanager
+async def client_shards(concurrency: int, timeout: float, headers: dict[str, str]) -> AsyncIterator[list[Any]]:
+    """httpx clients of at most CONNECTIONS_PER_CLIENT connections each, together ``concurrency``; spread the
+    requests over them (request i on client i % len)."""
+    import httpx
+
+    n = max(1, math.ceil(concurrency / CONNECTIONS_PER_CLIENT))
+    per = math.ceil(concurrency / n)
+    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+    clients = [httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers) for _ in range(n)]
+    try:
+        yield clients
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))

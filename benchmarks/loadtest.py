@@ -43,6 +43,7 @@ from common import (
     LABELS,
     SHORT_TEXTS,
     check_loopback,
+    client_shards,
     jpeg_b64_pool,
     latency_stats,
     log,
@@ -137,11 +138,10 @@ async def run_job(job: Job) -> dict[str, Any]:
     await asyncio.sleep(max(0.0, job.start_at - time.time()))
     t0 = time.perf_counter()
     stop_at = t0 + job.duration
-    limits = httpx.Limits(max_connections=job.concurrency, max_keepalive_connections=job.concurrency)
+    async with client_shards(job.concurrency, job.timeout, HEADERS) as clients:
 
-    async with httpx.AsyncClient(timeout=job.timeout, limits=limits, headers=HEADERS) as client:
-
-        async def one(i: int) -> None:
+        async def one(i: int, shard: int | None = None) -> None:
+            client = clients[(i if shard is None else shard) % len(clients)]
             mode = rng.choices(modes, weights)[0]
             t = time.perf_counter()
             try:
@@ -161,8 +161,8 @@ async def run_job(job: Job) -> dict[str, Any]:
             next_t = t0
             while sent < job.max_requests:
                 next_t += rng.expovariate(job.rate)
-                if next_t >= stop_at:
-                    break
+                if next_t >= stop_at or time.perf_counter() >= stop_at:
+                    break  # on schedule, or behind it: a lagging client stops on time, not after its backlog
                 await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
                 if len(tasks) >= job.concurrency:
                     skipped += 1
@@ -172,13 +172,13 @@ async def run_job(job: Job) -> dict[str, Any]:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         else:  # closed loop
-            async def client_loop() -> None:
+            async def client_loop(k: int) -> None:
                 nonlocal sent
                 while time.perf_counter() < stop_at and sent < job.max_requests:
                     sent += 1
-                    await one(sent)
+                    await one(sent, shard=k)
 
-            tasks = {asyncio.ensure_future(client_loop()) for _ in range(job.concurrency)}
+            tasks = {asyncio.ensure_future(client_loop(k)) for k in range(job.concurrency)}
         pending: set = set()
         if tasks:
             left = max(0.0, stop_at - time.perf_counter()) + job.drain_timeout

@@ -35,6 +35,7 @@ from common import (
     LABELS,
     SHORT_TEXTS,
     check_loopback,
+    client_shards,
     jpeg_b64_pool,
     latency_stats,
     log,
@@ -110,10 +111,9 @@ async def run_job(job: Job) -> dict[str, Any]:
     await asyncio.sleep(max(0.0, job.start_at - time.time()))
     t0 = time.perf_counter()
     stop_at = t0 + job.duration
-    limits = httpx.Limits(max_connections=job.concurrency, max_keepalive_connections=job.concurrency)
-    async with httpx.AsyncClient(timeout=job.timeout, limits=limits, headers=HEADERS) as client:
+    async with client_shards(job.concurrency, job.timeout, HEADERS) as clients:
 
-        async def worker() -> None:
+        async def worker(client: httpx.AsyncClient) -> None:
             nonlocal counter, checked
             while time.perf_counter() < stop_at and counter < job.max_requests:
                 i = counter
@@ -139,7 +139,7 @@ async def run_job(job: Job) -> dict[str, Any]:
                 elif r is not None and len(problems) < 5:
                     problems.append(f"HTTP {r.status_code}: {r.text[:160]}")
 
-        tasks = [asyncio.ensure_future(worker()) for _ in range(job.concurrency)]
+        tasks = [asyncio.ensure_future(worker(clients[k % len(clients)])) for k in range(job.concurrency)]
         _, pending = await asyncio.wait(tasks, timeout=job.duration + job.drain_timeout)
         for task in pending:
             task.cancel()
