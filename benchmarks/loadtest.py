@@ -140,15 +140,22 @@ async def run_job(job: Job) -> dict[str, Any]:
     stop_at = t0 + job.duration
     async with client_shards(job.concurrency, job.timeout, HEADERS) as clients:
 
+        busy = [0] * len(clients)  # requests in flight per client
+
         async def one(i: int, shard: int | None = None) -> None:
-            client = clients[(i if shard is None else shard) % len(clients)]
+            # Closed loop: client k stays on its shard. Open loop: the least busy shard, so no pool queues
+            # requests while another has free connections.
+            k = shard % len(clients) if shard is not None else min(range(len(clients)), key=busy.__getitem__)
+            busy[k] += 1
             mode = rng.choices(modes, weights)[0]
             t = time.perf_counter()
             try:
-                r = await client.post(job.url + MODES[mode][0], content=body_for(mode, i, job.seed))
+                r = await clients[k].post(job.url + MODES[mode][0], content=body_for(mode, i, job.seed))
                 key = status_key(r.status_code)
             except httpx.HTTPError as exc:
                 key, r = status_key(None, exc), None
+            finally:
+                busy[k] -= 1
             elapsed = time.perf_counter() - t
             statuses[mode][key] = statuses[mode].get(key, 0) + 1
             if r is not None:

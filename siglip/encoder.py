@@ -22,6 +22,7 @@ from .images import tiny_jpeg
 from .text import tokenize
 
 logger = logging.getLogger("siglip.encoder")
+RESIZE_CHUNK_BYTES = 256 * 1024 * 1024  # float32 pixels resized in one call on the model's device
 # Pixel batches arrive unpickled as read-only arrays; they are only read (the first op copies to float).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
@@ -214,12 +215,16 @@ class SiglipEncoder:
                 if img is not None:
                     img = apply_orientation(img, orientation)
                     by_shape.setdefault(tuple(img.shape), []).append((i, img))
-            for group in by_shape.values():
-                rows = [i for i, _ in group]
-                batch = torch.stack([img for _, img in group]).float()
-                # Antialiased bilinear in float, rounded like PIL's uint8 resize: cosine >= 0.9999 vs PIL.
-                x[rows] = F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True,
-                                        align_corners=False).round_().clamp_(0, 255)
+            for (_, h, w), group in by_shape.items():
+                # In float32 a group costs 12 bytes a pixel: chunks of at most RESIZE_CHUNK_BYTES (64 twelve-MP
+                # photos at once would need 9 GB).
+                step = max(1, RESIZE_CHUNK_BYTES // (12 * h * w))
+                for start in range(0, len(group), step):
+                    part = group[start:start + step]
+                    batch = torch.stack([img for _, img in part]).float()
+                    # Antialiased bilinear in float, rounded like PIL's uint8 resize: cosine >= 0.9999 vs PIL.
+                    x[[i for i, _ in part]] = F.interpolate(batch, size=(height, width), mode="bilinear",
+                                                            antialias=True, align_corners=False).round_().clamp_(0, 255)
             x = x.mul_(self._pixel_mul).add_(self._pixel_add).to(self._dtype)
             out = self._embed(x).cpu().numpy()
         out[bad] = np.nan

@@ -100,12 +100,14 @@ class GraphedFunction:
         return time.perf_counter() - t0
 
     def check_parity(self) -> float:
-        """Lowest row cosine between replays and the eager ``fn`` on random inputs, over a few buckets."""
+        """Lowest row cosine between replays and the eager ``fn`` on random inputs: every bucket one row short
+        of full (so padding is exercised), and one batch that needs several replays."""
         torch = self._torch
         worst = 1.0
+        sizes = sorted({max(1, b - 1) for b in self.buckets} | {self.buckets[-1] + 1})
         with torch.inference_mode():
-            for b in {self.buckets[0], self.buckets[len(self.buckets) // 2], self.buckets[-1]}:
-                x = torch.randn_like(self._example(b))
+            for n in sizes:
+                x = torch.randn_like(self._example(n))
                 eager = self._fn(x).float()
                 graphed = self(x).float()
                 cos = torch.nn.functional.cosine_similarity(eager.flatten(1), graphed.flatten(1), dim=-1)
@@ -113,22 +115,33 @@ class GraphedFunction:
         return worst
 
     def __call__(self, x: Any) -> Any:
-        torch = self._torch
-        outs = []
-        start = 0
+        if x.shape[0] == 0:
+            return self._fn(x)
         # The device guard: replays go to the current stream of the *current* device, which in a BentoML worker
         # thread is cuda:0 whatever GPU this worker uses.
-        with torch.cuda.device(self._device), torch.inference_mode():
-            for b in plan_batches(x.shape[0], self.buckets):
-                chunk = x[start:start + b]
-                n = chunk.shape[0]
-                graph, static_in, static_out = self._graphs[b]
-                with self._lock:
-                    static_in[:n].copy_(chunk)
-                    graph.replay()
-                    outs.append(static_out[:n].clone())
-                start += n
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        with self._torch.cuda.device(self._device), self._torch.inference_mode():
+            return run_in_buckets(x, self.buckets, self._replay, self._torch.cat)
+
+    def _replay(self, bucket: int, chunk: Any) -> Any:
+        graph, static_in, static_out = self._graphs[bucket]
+        n = chunk.shape[0]
+        with self._lock:
+            static_in[:n].copy_(chunk)
+            graph.replay()
+            return static_out[:n].clone()
+
+
+def run_in_buckets(x: Any, buckets: Sequence[int], run: Callable[[int, Any], Any],
+                   cat: Callable[[list[Any]], Any]) -> Any:
+    """``run(bucket, chunk)`` over the chunks of ``x`` that ``plan_batches`` gives (each chunk has at most
+    ``bucket`` rows; ``run`` returns one output row per chunk row), outputs joined in order."""
+    outs = []
+    start = 0
+    for b in plan_batches(x.shape[0], buckets):
+        chunk = x[start:start + b]
+        outs.append(run(b, chunk))
+        start += chunk.shape[0]
+    return outs[0] if len(outs) == 1 else cat(outs)
 
 
 def graph_or_none(torch: Any, fn: Callable[[Any], Any], example: Callable[[int], Any],
@@ -138,8 +151,11 @@ def graph_or_none(torch: Any, fn: Callable[[Any], Any], example: Callable[[int],
     try:
         seconds = graphed.capture()
         worst = graphed.check_parity()
-    except Exception as exc:  # noqa: BLE001 - a capture failure must not take the service down: run eager
-        logger.warning("CUDA graph capture failed (%s: %s); the vision tower runs eager", type(exc).__name__, exc)
+    except Exception as exc:
+        # A capture failure must not take the service down: run eager. exc_info: a failure inside capture
+        # surfaces as "capture invalidated"; its cause is in the chain.
+        logger.warning("CUDA graph capture failed (%s: %s); the vision tower runs eager", type(exc).__name__, exc,
+                       exc_info=True)
         return None
     if worst < PARITY_MIN_COSINE:
         logger.warning("CUDA graph replays differ from the eager forward (cosine %.5f < %.3f); running eager",

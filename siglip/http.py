@@ -231,17 +231,19 @@ def set_keep_alive(seconds: float) -> None:
     connection at the same moment meets a reset: ~0.5% of requests failed with ReadError under overload, and the
     same race gives sporadic 502s behind load balancers. A server keep-alive longer than any client's removes it.
     uvicorn has no environment variable for this and BentoML only a hidden CLI flag, so the Config is adjusted
-    when BentoML's worker creates it (after importing the service).
+    when BentoML's worker creates it (after importing the service); this overrides `--timeout-keep-alive`.
     """
     import uvicorn
 
-    original = getattr(uvicorn.Config.__init__, "__wrapped__", uvicorn.Config.__init__)
+    # Calling this again replaces our own wrapper, never another library's.
+    original = getattr(uvicorn.Config.__init__, "_siglip_original", uvicorn.Config.__init__)
 
     @functools.wraps(original)
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         self.timeout_keep_alive = seconds
 
+    init._siglip_original = original  # type: ignore[attr-defined]
     uvicorn.Config.__init__ = init  # type: ignore[method-assign]
 
 

@@ -55,9 +55,15 @@ def test_undecodable_jpeg_fails_only_its_request(forwarding):
     assert forwarding.post("/image_embedding", {"inputs": b64(good)}).status_code == 200
 
 
-def test_one_call_with_mixed_sizes_orientations_and_a_bad_file(tiny_checkpoint, reference):
+@pytest.mark.parametrize("chunk_bytes", [None, 12 * 160 * 120])  # default, and one image per resize call
+def test_one_call_with_mixed_sizes_orientations_and_a_bad_file(tiny_checkpoint, reference, monkeypatch,
+                                                               chunk_bytes):
     """Images of the same decoded size are resized together: every row must still be its own image, in order."""
+    from siglip import encoder as encoder_module
     from siglip.encoder import SiglipEncoder
+
+    if chunk_bytes:
+        monkeypatch.setattr(encoder_module, "RESIZE_CHUNK_BYTES", chunk_bytes)
 
     enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", device_decode="on")
     enc.load()

@@ -12,7 +12,7 @@ from conftest import encode, make_image
 from hypothesis import given
 from hypothesis import strategies as st
 
-from siglip.graphs import bucket_sizes, plan_batches
+from siglip.graphs import bucket_sizes, graph_or_none, plan_batches, run_in_buckets
 from siglip.settings import Settings
 
 
@@ -47,6 +47,38 @@ def test_plan_covers_the_batch_and_pads_little(n, max_batch):
     if plan:
         assert sum(plan[:-1]) < n  # every bucket but the last holds only real rows
         assert sum(plan) - n <= max(1, plan[-1] // 4)
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 17, 33, 40, 64, 65, 130, 200])
+def test_run_in_buckets_gives_each_row_its_own_output_in_order(n):
+    """Chunks are padded to their bucket the way replays are (rows past the chunk hold stale data, NaN here):
+    the joined output must be the row-wise function of the input, with nothing from the padding."""
+    import torch
+
+    buckets = bucket_sizes(64)
+    x = torch.randn(n, 5, generator=torch.Generator().manual_seed(n))
+    calls = []
+
+    def run(bucket, chunk):
+        assert chunk.shape[0] <= bucket
+        padded = torch.full((bucket, 5), float("nan"))
+        padded[:chunk.shape[0]] = chunk
+        calls.append(bucket)
+        return (padded * 2 + padded.sum(dim=1, keepdim=True))[:chunk.shape[0]]
+
+    got = run_in_buckets(x, buckets, run, torch.cat)
+    assert calls == plan_batches(n, buckets)
+    torch.testing.assert_close(got, x * 2 + x.sum(dim=1, keepdim=True))
+
+
+def test_capture_failure_falls_back_to_eager(caplog):
+    """Here capture fails for real (no CUDA): the caller gets None, i.e. eager, and the reason is logged."""
+    import torch
+
+    with caplog.at_level(logging.WARNING, logger="siglip.graphs"):
+        graphed = graph_or_none(torch, lambda x: x * 2, lambda b: torch.zeros(b, 4), bucket_sizes(8), "cpu")
+    assert graphed is None
+    assert "CUDA graph capture failed" in caplog.text and "runs eager" in caplog.text
 
 
 def test_compile_and_graphs_are_alternatives():

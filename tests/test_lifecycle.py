@@ -109,7 +109,9 @@ def _get_twice(conns: list[http.client.HTTPConnection], idle_s: float) -> list[b
     ports = []
     for conn in conns:
         conn.request("GET", "/healthz")
-        assert conn.getresponse().read() is not None
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
         ports.append(conn.sock.getsockname()[1])
     time.sleep(idle_s)  # the idle period is the condition under test
     alive = []
