@@ -5,7 +5,9 @@
 #   P. profile_request.py --cuda-graphs: every stage of one request in-process, eager and graph-replayed
 #   G. SIGLIP_CUDA_GRAPHS=1: latency + sweep
 #   W. SIGLIP_CUDA_GRAPHS=1 SIGLIP_MODEL_WORKERS=2 (two model processes on the one GPU): latency + sweep
-# Results in $OUT: gpu.txt, A.log, profile.log, G.log, W.log (all tables) and results.tgz (JSON, metrics, logs).
+# Each sweep also samples GPU utilization and, when py-spy was carried in .whl, profiles the model and gateway
+# workers (what limits the server at saturation). Results in $OUT: gpu.txt, A.log, profile.log, G.log, W.log
+# (all tables) and results.tgz (JSON, metrics, profiles, logs).
 #
 #   bash benchmarks/gpu_run.sh      # on the GPU host (see benchmarks/README.md for the wheels to carry)
 #   SIZE=tiny BUDGET_SCALE=0.5 bash benchmarks/gpu_run.sh     # a CPU rehearsal of the whole script
@@ -20,6 +22,10 @@ export PY SIZE=${SIZE:-full}
 export SIGLIP_GATEWAY_WORKERS=${SIGLIP_GATEWAY_WORKERS:-8} SIGLIP_DECODE_THREADS=${SIGLIP_DECODE_THREADS:-2}
 CKPT=${CKPT:-/tmp/siglip-bench-ckpt-$SIZE}
 export CKPT
+# py-spy profiles of the model and gateway workers during each sweep, when its wheel was carried (.whl).
+for spy in "${PYSPY:-}" /tmp/site/bin/py-spy "$(command -v py-spy 2>/dev/null)"; do
+  if [ -n "$spy" ] && [ -x "$spy" ]; then export PROFILE_SERVER=1 PYSPY=$spy; break; fi
+done
 SCALE=${BUDGET_SCALE:-1}
 budget() { awk -v s="$SCALE" -v b="$1" 'BEGIN { printf "%d", s * b }'; }
 { date -u +%Y-%m-%dT%H:%M:%SZ; git rev-parse --short HEAD 2>/dev/null || true
@@ -48,9 +54,14 @@ tar czf "$OUT_ROOT/results.tgz" -C /tmp bench-A bench-P bench-G bench-W 2>/dev/n
 sed -n '/where the time/,$p' "$OUT_ROOT/profile.log"
 for run in A G W; do
   echo "=============================== $run ==============================="
+  grep -h "GPU during the sweep" "$OUT_ROOT/$run.log" | head -1
   grep -h "CUDA graph\|CUDA_GRAPHS\|Loaded " "/tmp/bench-$run/server.log" 2>/dev/null |
     head -4 | cut -c1-220
   sed -n '/=== SUMMARY/,$p' "$OUT_ROOT/$run.log" |
     grep -E "SIGLIP_|^ *(case|single|batch10|zero_shot|conc|[0-9]+ ) |^ *[0-9.]+ +(cpu|cuda)|throughput|adaptive|ready|naive|exit|total" |
     cut -c1-160
+  for svc in SiglipModel SiglipGateway; do
+    [ -s "/tmp/bench-$run/profile-$svc.txt" ] &&
+      "$PY" benchmarks/summarize_profile.py "/tmp/bench-$run/profile-$svc.txt" --top 12 | grep -v "^---" | cut -c1-150
+  done
 done

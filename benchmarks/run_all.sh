@@ -13,7 +13,8 @@
 #   SIZE=tiny bash benchmarks/run_all.sh            # CPU smoke run (small durations by default)
 # Knobs (env): PY, SIZE, OUT, PORT, CKPT, REBUILD=1, DEVICE (naive handler), BUDGET_S, READY_TIMEOUT,
 #   NAIVE_REQUESTS (0 skips the baseline), LAT_REQUESTS, LAT_WARMUP, TP_IMAGE_LEVELS, TP_ZS_LEVELS, TP_TEXT_LEVELS, TP_DURATION,
-#   TP_OTHER_DURATION, CLIENT_PROCS, LOAD_DURATION (0 skips the overload test), LOAD_ARGS (extra loadtest args).
+#   TP_OTHER_DURATION, CLIENT_PROCS, LOAD_DURATION (0 skips the overload test), LOAD_ARGS (extra loadtest args),
+#   PROFILE_SERVER=1 (py-spy profiles of the workers during the sweep; PYSPY=path if it is not on PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -129,11 +130,46 @@ BASE_ARG=()
 [ -f "$OUT/naive.json" ] && BASE_ARG=(--baseline-json "$OUT/naive.json")
 step latency 150 "$PY" benchmarks/latency.py --url "$URL" --requests "$LAT_REQUESTS" --warmup "$LAT_WARMUP" \
   --max-seconds 40 "${BASE_ARG[@]}" --json "$OUT/latency.json"
+# While the sweep runs: GPU utilization samples (where nvidia-smi exists) and, with PROFILE_SERVER=1, py-spy
+# profiles of the first model and gateway workers (busy time only): what limits the server at saturation.
+WATCHERS=()
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 250 \
+    >"$OUT/gpu-util.csv" 2>/dev/null &
+  WATCHERS+=($!)
+fi
+if [ -n "${PROFILE_SERVER:-}" ]; then
+  for svc in SiglipModel SiglipGateway; do
+    wpid=$(pgrep -P "$SERVER_PID" -f -- "--service-name $svc" | head -1)
+    if [ -n "$wpid" ] && command -v "${PYSPY:-py-spy}" >/dev/null 2>&1; then
+      "${PYSPY:-py-spy}" record -p "$wpid" -f raw -o "$OUT/profile-$svc.txt" --nonblocking -r 200 \
+        >"$OUT/profile-$svc.log" 2>&1 &
+      WATCHERS+=($!)
+    else
+      log "PROFILE_SERVER: no $svc worker or no py-spy (${PYSPY:-py-spy}); not profiled"
+    fi
+  done
+fi
 step throughput 240 "$PY" benchmarks/throughput.py --url "$URL" --levels "$TP_IMAGE_LEVELS" \
   --levels-for "zero_shot=$TP_ZS_LEVELS" --levels-for "text_embedding=$TP_TEXT_LEVELS" \
   --duration "$TP_DURATION" --duration-for "zero_shot=$TP_OTHER_DURATION" \
   --duration-for "text_embedding=$TP_OTHER_DURATION" --drain-timeout 20 --client-procs "$CLIENT_PROCS" \
   --json "$OUT/throughput.json"
+for w in "${WATCHERS[@]}"; do kill -INT "$w" 2>/dev/null; done
+for w in "${WATCHERS[@]}"; do wait "$w" 2>/dev/null; done
+if [ -s "$OUT/gpu-util.csv" ]; then
+  "$PY" - "$OUT/gpu-util.csv" <<'PYEOF' | tee -a "$OUT/summary.txt"
+import sys
+rows = [[float(v) for v in line.split(",")[:2]] for line in open(sys.argv[1]) if line.count(",") >= 1]
+util = [u for u, _ in rows]
+print(f"GPU during the sweep: utilization mean {sum(util) / len(util):.0f}%, max {max(util):.0f}%; "
+      f"memory max {max(m for _, m in rows):.0f} MiB ({len(rows)} samples, 4 per second)")
+PYEOF
+fi
+for svc in SiglipModel SiglipGateway; do
+  [ -s "$OUT/profile-$svc.txt" ] && "$PY" benchmarks/summarize_profile.py "$OUT/profile-$svc.txt" --top 20 \
+    | tee -a "$OUT/summary.txt"
+done
 if [ "$LOAD_DURATION" != 0 ]; then
   TP_ARG=()
   [ -f "$OUT/throughput.json" ] && TP_ARG=(--throughput-json "$OUT/throughput.json")

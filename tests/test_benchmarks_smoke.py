@@ -71,3 +71,24 @@ def test_benchmark_scripts_run_and_write_json(service, tiny_checkpoint, tmp_path
     assert load["passed"] and load["post_check"]["ok"] and load["server_alive"]
     assert load["sent"] > 0 and load["answered"].get("200", 0) > 0 and load["peak_server_rss_mb"] > 0
     assert {"image_embedding", "batch10", "zero_shot", "text_embedding"} == set(load["by_mode"])
+
+
+def test_summarize_profile_reads_py_spy_folded_stacks(tmp_path: Path):
+    folded = tmp_path / "profile.txt"
+    folded.write_text(
+        "MainThread (runpy.py:1);run (asyncio/runners.py:118);handle (siglip/http.py:10) 3\n"
+        "MainThread (runpy.py:1);run (asyncio/runners.py:118);encode (siglip/encoder.py:20) 1\n"
+        "Worker (threading.py:1);forward (torch/nn/modules/linear.py:125) 6\n"
+        "malformed line without a count\n")
+    proc = run("summarize_profile", str(folded), "--top", "5")
+    ok(proc)
+    out = proc.stdout
+    assert "10 busy samples" in out
+    threads = out.split("threads")[1].split("functions, inclusive")[0]
+    assert "60.0%" in threads and "Worker (threading.py)" in threads and "40.0%" in threads
+    inclusive = out.split("functions, inclusive")[1].split("functions, self")[0]
+    # thread roots and the event loop's run call are on every stack of their thread: not listed
+    assert "runners.py" not in inclusive and "runpy.py" not in inclusive
+    assert "30.0%" in inclusive and "handle (http.py)" in inclusive
+    self_part = out.split("functions, self")[1]
+    assert "60.0%" in self_part and "forward (linear.py)" in self_part
