@@ -5,6 +5,7 @@
 #   P. profile_request.py --cuda-graphs: every stage of one request in-process, eager and graph-replayed
 #   G. SIGLIP_CUDA_GRAPHS=1: latency + sweep
 #   W. SIGLIP_CUDA_GRAPHS=1 SIGLIP_MODEL_WORKERS=2 (two model processes on the one GPU): latency + sweep
+#   C. only with GPU_RUN_COMPILE=1 (about 5 more minutes): SIGLIP_COMPILE=1 SIGLIP_CUDA_GRAPHS=1
 # Each sweep also samples GPU utilization and, when py-spy was carried in .whl, profiles the model and gateway
 # workers (what limits the server at saturation). Results in $OUT: gpu.txt, A.log, profile.log, G.log, W.log
 # (all tables) and results.tgz (JSON, metrics, profiles, logs).
@@ -50,9 +51,18 @@ env "${short[@]}" SIGLIP_CUDA_GRAPHS=1 SIGLIP_MODEL_WORKERS=2 OUT=/tmp/bench-W P
   TP_ZS_LEVELS=32 TP_TEXT_LEVELS=1 BUDGET_S="$(budget 90)" bash benchmarks/run_all.sh >"$OUT_ROOT/W.log" 2>&1
 echo "W exit $?" | tee -a "$OUT_ROOT/gpu.txt"
 
-tar czf "$OUT_ROOT/results.tgz" -C /tmp bench-A bench-P bench-G bench-W 2>/dev/null
+RUNS="A G W"
+if [ -n "${GPU_RUN_COMPILE:-}" ]; then  # optional: compiled kernels captured in graphs (start-up ~1.5-3 min)
+  env "${short[@]}" SIGLIP_COMPILE=1 SIGLIP_CUDA_GRAPHS=1 OUT=/tmp/bench-C PORT=3003 TP_IMAGE_LEVELS=32,128,256 \
+    TP_ZS_LEVELS=32 TP_TEXT_LEVELS=1 READY_TIMEOUT=240 BUDGET_S="$(budget 330)" bash benchmarks/run_all.sh \
+    >"$OUT_ROOT/C.log" 2>&1
+  echo "C exit $?" | tee -a "$OUT_ROOT/gpu.txt"
+  RUNS="A G W C"
+fi
+
+tar czf "$OUT_ROOT/results.tgz" -C /tmp bench-A bench-P bench-G bench-W $([ -d /tmp/bench-C ] && echo bench-C) 2>/dev/null
 sed -n '/where the time/,$p' "$OUT_ROOT/profile.log"
-for run in A G W; do
+for run in $RUNS; do
   echo "=============================== $run ==============================="
   grep -h "GPU during the sweep" "$OUT_ROOT/$run.log" | head -1
   grep -h "CUDA graph\|CUDA_GRAPHS\|Loaded " "/tmp/bench-$run/server.log" 2>/dev/null |

@@ -179,7 +179,8 @@ class SiglipEncoder:
         logger.info("Loaded %s on %s (%s): %dx%d images, %d-dim embeddings, JPEG decode in %s, vision tower %s; "
                     "load %.1f s, warm-up %.1f s", self.model_id, device, self.info.dtype, height, width, embed_dim,
                     self.info.jpeg_decode or "the gateway",
-                    f"from CUDA graphs ({self.info.cuda_graphs})" if self.info.cuda_graphs else "eager",
+                    ("compiled" if use_compile else "eager")
+                    + (f", replayed from CUDA graphs ({self.info.cuda_graphs})" if self.info.cuda_graphs else ""),
                     self.load_seconds, self.warmup_seconds)
 
     def status(self) -> dict[str, Any]:

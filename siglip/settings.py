@@ -115,8 +115,6 @@ class Settings:
                      "fetch_total_timeout_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must be a positive number of seconds")
-        if self.compile and self.cuda_graphs:
-            raise ValueError("SIGLIP_COMPILE and SIGLIP_CUDA_GRAPHS are alternatives; set one of them")
         if not math.isfinite(self.keep_alive_s) or self.keep_alive_s < 0:
             raise ValueError("SIGLIP_KEEP_ALIVE_S must be 0 (BentoML's default) or a positive number of seconds")
         if not math.isfinite(self.jpeg_draft_factor) or self.jpeg_draft_factor < 0:
