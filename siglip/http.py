@@ -112,10 +112,25 @@ class RequestGuard:
             return await _send_error(send, Overloaded(f"server is busy ({self.in_flight} requests in flight, "
                                                       "SIGLIP_MAX_CONCURRENCY); retry shortly"))
         self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
+        async def releasing_send(message: dict[str, Any]) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                # Answered: the slot is free now. Freed only when the handler returns, a client that sends its
+                # next request at once could find its own finished request still counted and get a 429.
+                release()
+
         try:
-            await self._guarded(scope, receive, send)
+            await self._guarded(scope, receive, releasing_send)
         finally:
-            self.in_flight -= 1
+            release()
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         held = 0  # bytes of this body counted in inflight_body_bytes

@@ -236,6 +236,24 @@ def test_past_max_concurrency_answers_429_with_retry_after(limited, image_server
     assert busy.headers["retry-after"] and "error" in busy.json()
 
 
+def test_clients_at_exactly_max_concurrency_never_see_429(start_service):
+    """8 clients, 8 slots, each client sending its next request as soon as it has its answer: a finished request
+    must free its slot when it is answered, or the next one races it (the old code refused 30-60 of 480 here)."""
+    svc = start_service(SIGLIP_MAX_CONCURRENCY="8")
+
+    async def client(c: httpx.AsyncClient) -> list[int]:
+        return [(await c.post(svc.url + "/text_embedding", json={"inputs": "a photo of a cat"})).status_code
+                for _ in range(60)]
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=8)) as c:
+            per_client = await asyncio.gather(*(client(c) for _ in range(8)))
+        return [s for statuses in per_client for s in statuses]
+
+    statuses = asyncio.run(run())
+    assert statuses.count(200) == len(statuses) == 480, {s: statuses.count(s) for s in set(statuses)}
+
+
 def test_request_past_its_deadline_answers_504(limited, image_server):
     # One fetch at a time (SIGLIP_MAX_PARALLEL_FETCHES=1), each 1.2 s: 3 of them pass the 3 s deadline.
     urls = [image_server.add(f"/slow-504-{i}.png", Route(encode(make_image(11 + i)), delay_s=1.2)) for i in range(3)]
