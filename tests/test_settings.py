@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -117,3 +118,13 @@ def test_settings_are_frozen():
 def test_a_list_setting_that_lists_nothing_fails_instead_of_failing_open(name):
     with pytest.raises(ValueError, match=name):
         Settings.from_env({name: " , "})
+
+
+def test_every_setting_is_in_the_readme_configuration_table():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    names = {f"SIGLIP_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    rows = set(re.findall(r"^\| `(SIGLIP_\w+)` \|", table, flags=re.MULTILINE))
+    assert names == rows, {"undocumented": names - rows, "documented but unknown": rows - names}
