@@ -17,7 +17,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -151,21 +151,33 @@ def check_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def wait_ready(url: str, timeout_s: float = 60.0) -> None:
+def wait_ready(url: str, timeout_s: float = 60.0, since: float | None = None,
+               alive: Callable[[], bool] | None = None) -> float:
+    """Poll ``url``/readyz until it answers 200 and return the seconds since ``since`` (epoch; default now).
+    Exits (SystemExit) once ``timeout_s`` have passed since ``since`` or ``alive()`` turns false; logs progress
+    every 10 s."""
     import httpx
 
-    deadline = time.monotonic() + timeout_s
+    since = time.time() if since is None else since
     last = "no answer"
-    while time.monotonic() < deadline:
+    next_note = time.time() + 10
+    while True:
+        now = time.time()
+        if now - since > timeout_s:
+            raise SystemExit(f"{url}/readyz not ready after {timeout_s:g} s ({last})")
+        if alive is not None and not alive():
+            raise SystemExit("server process exited before it was ready")
         try:
             r = httpx.get(url + "/readyz", timeout=5)
             if r.status_code == 200:
-                return
+                return time.time() - since
             last = f"HTTP {r.status_code}"
         except httpx.HTTPError as exc:
-            last = f"{type(exc).__name__}: {exc}"
-        time.sleep(0.5)
-    raise SystemExit(f"{url}/readyz not ready after {timeout_s:.0f} s ({last})")
+            last = type(exc).__name__
+        if now > next_note:
+            log(f"waiting for {url}/readyz: {now - since:.0f} s ({last})")
+            next_note = now + 10
+        time.sleep(0.25)
 
 
 def status_key(status: int | None, exc: BaseException | None = None) -> str:

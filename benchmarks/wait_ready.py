@@ -14,11 +14,9 @@ import argparse
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
-import httpx
-from common import DEFAULT_URL, check_loopback, log, meta, print_table, write_json
+from common import DEFAULT_URL, check_loopback, log, meta, print_table, wait_ready, write_json
 
 LOADED = re.compile(r"Loaded (\S+) on (\S+) \((\w+)\).*?load ([\d.]+) s, warm-up ([\d.]+) s")
 
@@ -47,29 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     url = check_loopback(args.url)
-    since = args.since or time.time()
-    last = "no answer"
-    next_note = time.time() + 10
-    while True:
-        now = time.time()
-        if now - since > args.timeout:
-            log(f"not ready after {args.timeout:g} s ({last})")
-            return 1
-        if args.pid and not alive(args.pid):
-            log(f"server process {args.pid} exited before it was ready")
-            return 1
-        try:
-            r = httpx.get(url + "/readyz", timeout=5)
-            if r.status_code == 200:
-                break
-            last = f"/readyz {r.status_code}"
-        except httpx.HTTPError as exc:
-            last = type(exc).__name__
-        if now > next_note:
-            log(f"waiting for {url}/readyz: {now - since:.0f} s ({last})")
-            next_note = now + 10
-        time.sleep(0.25)
-    ready_s = time.time() - since
+    ready_s = wait_ready(url, args.timeout, since=args.since,
+                         alive=(lambda: alive(args.pid)) if args.pid else None)
     result = {"meta": meta("wait_ready", url=url), "ready_s": round(ready_s, 2)}
     if args.server_log and Path(args.server_log).exists():
         m = LOADED.search(Path(args.server_log).read_text(errors="replace"))

@@ -152,10 +152,8 @@ class SiglipEncoder:
             # Batch sizes vary with load: one dynamic-shape graph instead of a recompile per batch size.
             self._vision = torch.compile(model.get_image_features, dynamic=True)
         self._size = (height, width)
-        self._embed = self._embed_eager
         graphs = self._capture_graphs() if self._graph_max_batch else None
-        if graphs is not None:
-            self._embed = graphs
+        self._embed = graphs if graphs is not None else self._embed_eager
         self._decode_jpegs = self._jpeg_decoder()
         embed_dim = int(model.config.vision_config.hidden_size)
         self.info = ModelInfo(

@@ -69,6 +69,11 @@ def check_body(body: bytes) -> None:
         raise BadRequest("parameters must be a JSON object")
 
 
+def is_last_body(message: dict[str, Any]) -> bool:
+    """The ASGI message that completes a response."""
+    return message["type"] == "http.response.body" and not message.get("more_body")
+
+
 def token_ok(header: str | None, tokens: tuple[str, ...]) -> bool:
     if not header or header[:7].lower() != "bearer ":
         return False
@@ -122,7 +127,7 @@ class RequestGuard:
 
         async def releasing_send(message: dict[str, Any]) -> None:
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
+            if is_last_body(message):
                 # Answered: the slot is free now. Freed only when the handler returns, a client that sends its
                 # next request at once could find its own finished request still counted and get a 429.
                 release()
@@ -174,7 +179,7 @@ class RequestGuard:
         async def tracked_send(message: dict[str, Any]) -> None:
             nonlocal response_done
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
+            if is_last_body(message):
                 response_done = True  # from now on the server reports "disconnect" for a finished exchange
 
         app_task = asyncio.ensure_future(self.app(scope, replay, tracked_send))
