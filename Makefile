@@ -1,11 +1,14 @@
 # make serve  - create .venv if needed, install the project, start the service on port 3000
 # make test   - same install plus dev extras, then the whole test suite
+# make bento / bento-cpu - build the GPU (default) or CPU bento, offline
+# make test-container    - podman: build the CPU image on a local Debian base and run it --network none (root;
+#                          downloads ~1 GB, about 17 min the first time; not in CI)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 export BENTOML_DO_NOT_TRACK ?= True
 
-.PHONY: install install-dev serve test lint bench-cpu clean
+.PHONY: install install-dev serve test lint bench-cpu clean bento bento-cpu test-container
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -27,6 +30,15 @@ serve: install
 
 test: install-dev
 	$(PY) -m pytest
+
+bento: install-dev
+	$(VENV)/bin/bentoml build
+
+bento-cpu: install-dev
+	SIGLIP_IMAGE=cpu $(VENV)/bin/bentoml build
+
+test-container: install-dev
+	tests/container/test_container.sh
 
 lint: install-dev
 	$(VENV)/bin/ruff check .
