@@ -10,7 +10,9 @@
     ├── NotReady            503  model still loading, or failed to load (with the reason)
     └── DeadlineExceeded    504  the request ran past SIGLIP_REQUEST_TIMEOUT_S
 
-Lower layers raise these; only the HTTP layer (``siglip.http``) turns them into responses.
+Lower layers raise these; only the HTTP layer (``siglip.http``) turns them into responses. Each carries a short
+``reason`` (a class default, or a more precise one given when raised) that labels the ``siglip_errors_total`` and
+``siglip_url_fetch_failures_total`` metrics; the message is for people, the reason for dashboards.
 """
 
 from __future__ import annotations
@@ -20,43 +22,57 @@ from typing import ClassVar
 
 class ServiceError(Exception):
     status = 500
+    reason = "internal"
     headers: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, reason: str | None = None):
         super().__init__(message)
         self.message = message
+        if reason is not None:
+            self.reason = reason
 
 
 class BadRequest(ServiceError):
     status = 400
+    reason = "invalid_input"
 
 
 class FetchError(BadRequest):
-    pass
+    reason = "url_fetch"
+
+    def __init__(self, message: str, kind: str = "other"):
+        super().__init__(message)
+        self.kind = kind  # what went wrong, for siglip_url_fetch_failures_total: timeout, http_status, ...
 
 
 class Unauthorized(ServiceError):
     status = 401
+    reason = "unauthorized"
     headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
 class BodyTimeout(ServiceError):
     status = 408
+    reason = "body_timeout"
 
 
 class PayloadTooLarge(ServiceError):
     status = 413
+    reason = "too_large"
 
 
 class Overloaded(ServiceError):
     status = 429
+    reason = "overloaded"
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
 
 
 class NotReady(ServiceError):
     status = 503
+    reason = "not_ready"
     headers: ClassVar[dict[str, str]] = {"Retry-After": "5"}
 
 
 class DeadlineExceeded(ServiceError):
     status = 504
+    reason = "deadline"

@@ -186,7 +186,7 @@ class Fetcher:
                 return await self._fetch(url, where)
         except TimeoutError:
             raise FetchError(f"{where}: fetching {url} took longer than {self.policy.total_timeout_s:g} s "
-                             f"(SIGLIP_FETCH_TOTAL_TIMEOUT_S)") from None
+                             f"(SIGLIP_FETCH_TOTAL_TIMEOUT_S)", kind="timeout") from None
 
     async def _fetch(self, url: str, where: str) -> bytes:
         current = url
@@ -195,53 +195,55 @@ class Fetcher:
                 check_url(current, self.policy)
             except ValueError as exc:
                 via = "" if current == url else f" (redirected to {current})"
-                raise FetchError(f"{where}: cannot fetch {url}{via}: {exc}") from None
+                raise FetchError(f"{where}: cannot fetch {url}{via}: {exc}", kind="refused_url") from None
             try:
                 async with self._client.stream("GET", current) as resp:
                     if resp.is_redirect:
                         location = resp.headers.get("location")
                         if not location:
-                            raise FetchError(f"{where}: {url} answered a redirect without a Location")
+                            raise FetchError(f"{where}: {url} answered a redirect without a Location", kind="bad_redirect")
                         current = str(resp.url.join(location))
                         continue
                     if resp.status_code >= 400:
-                        raise FetchError(f"{where}: fetching {url} failed: HTTP {resp.status_code}")
+                        raise FetchError(f"{where}: fetching {url} failed: HTTP {resp.status_code}", kind="http_status")
                     return await self._read_capped(resp, url, where)
             except BlockedAddress as exc:
                 via = "" if current == url else f" (redirected to {current})"
                 raise FetchError(f"{where}: refusing to fetch {url}{via}: {exc}, which is not a public address "
-                                 f"(set SIGLIP_ALLOW_PRIVATE_URLS=1 to allow)") from None
+                                 f"(set SIGLIP_ALLOW_PRIVATE_URLS=1 to allow)", kind="private_address") from None
             except httpx.PoolTimeout:
                 # Every pooled connection is busy with other requests' images: the server's limit, not the client's.
                 raise Overloaded("too many image downloads in flight; retry shortly") from None
             except httpx.TimeoutException as exc:
                 kind = "connecting" if isinstance(exc, httpx.ConnectTimeout) else "reading"
-                raise FetchError(f"{where}: fetching {url} timed out while {kind}") from None
+                raise FetchError(f"{where}: fetching {url} timed out while {kind}", kind="timeout") from None
             except httpx.HTTPError as exc:
-                raise FetchError(f"{where}: fetching {url} failed: {type(exc).__name__}: {exc}") from None
+                raise FetchError(f"{where}: fetching {url} failed: {type(exc).__name__}: {exc}", kind="connection") from None
             except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError (bad IDNA) is a ValueError
                 via = "" if current == url else f" (redirected to {current})"
-                raise FetchError(f"{where}: invalid URL {url}{via}: {exc}") from None
-        raise FetchError(f"{where}: {url} redirected more than {self.policy.max_redirects} times")
+                raise FetchError(f"{where}: invalid URL {url}{via}: {exc}", kind="refused_url") from None
+        raise FetchError(f"{where}: {url} redirected more than {self.policy.max_redirects} times",
+                         kind="bad_redirect")
 
     async def _read_capped(self, resp: httpx.Response, url: str, where: str) -> bytes:
         cap = self.policy.max_bytes
         too_big = f"{where}: {url} is larger than the {fmt_bytes(cap)} limit (SIGLIP_MAX_IMAGE_BYTES)"
         length = resp.headers.get("content-length")
         if length and length.isdigit() and int(length) > cap:
-            raise FetchError(too_big)
+            raise FetchError(too_big, kind="too_large")
         encoding = resp.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             # Compressed bodies could inflate far past the cap between two checks; images need no compression.
-            raise FetchError(f"{where}: {url} sent a compressed ({encoding}) body; send the image bytes as they are")
+            raise FetchError(f"{where}: {url} sent a compressed ({encoding}) body; send the image bytes as they are",
+                             kind="not_an_image")
         body = bytearray()
         async for chunk in resp.aiter_raw():
             body += chunk
             if len(body) > cap:
-                raise FetchError(too_big)
+                raise FetchError(too_big, kind="too_large")
         if not body:
-            raise FetchError(f"{where}: {url} returned an empty body")
+            raise FetchError(f"{where}: {url} returned an empty body", kind="not_an_image")
         head = bytes(body[:64]).lstrip().lower()
         if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
-            raise FetchError(f"{where}: {url} returned an HTML/XML page, not an image")
+            raise FetchError(f"{where}: {url} returned an HTML/XML page, not an image", kind="not_an_image")
         return bytes(body)

@@ -205,7 +205,12 @@ class ServiceProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1", **env}
+        # Each server its own BENTOML_HOME: `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
+        # starts, which would wipe the /metrics of every server started before it.
+        home = log_path.parent / "bentoml-home"
+        home.mkdir(exist_ok=True)
+        full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1",
+                    "BENTOML_HOME": str(home), **env}
         self._log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process lifetime, closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
