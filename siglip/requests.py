@@ -169,12 +169,12 @@ def _apply_template(template: str, labels: tuple[str, ...], limits: Limits) -> t
                   if name is not None]
     except ValueError as exc:
         raise BadRequest(f"hypothesis_template could not be applied: ValueError: {exc}") from None
-    # Only plain {} (or {0}) fields: attribute/index lookups, conversions and format specs run on the label
-    # (TypeError/AttributeError, or a "{:>999999999}" padding that allocates gigabytes), and a template
-    # without a field (e.g. "{{}}") would silently drop the label.
-    if not fields or any(name not in ("", "0") or spec or conv for name, spec, conv in fields):
-        raise BadRequest("hypothesis_template must contain {} where the label goes (and no other {...} "
-                         "fields; write {{ and }} for literal braces)")
+    # Exactly one plain {} (or {0}) field: attribute/index lookups, conversions and format specs run on the label
+    # (TypeError/AttributeError, or a "{:>999999999}" padding that allocates gigabytes), a template without a
+    # field (e.g. "{{}}") would silently drop the label, and "{}{}" has no second argument to take.
+    if len(fields) != 1 or any(name not in ("", "0") or spec or conv for name, spec, conv in fields):
+        raise BadRequest(f"hypothesis_template must contain exactly one {{}} where the label goes, and no other "
+                         f"{{...}} fields (write {{{{ and }}}} for literal braces); {template!r} has {len(fields)} fields")
     try:
         return tuple(template.format(label) for label in labels)
     except (IndexError, KeyError, ValueError) as exc:

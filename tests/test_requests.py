@@ -231,8 +231,12 @@ def test_template_length_limit_and_repeated_field():
     limits = Limits(max_text_chars=20)
     assert "SIGLIP_MAX_TEXT_CHARS" in bad(URL, {"candidate_labels": ["a"], "hypothesis_template": "{}" + "x" * 19},
                                           limits=limits)
-    parsed = parse_request(URL, {"candidate_labels": ["a"], "hypothesis_template": "{0} or {0}, {{literal}}"})
-    assert parsed.texts == ("a or a, {literal}",)
+    parsed = parse_request(URL, {"candidate_labels": ["a"], "hypothesis_template": "{0}, {{literal}}"})
+    assert parsed.texts == ("a, {literal}",)
+    # exactly one field: a repeated one is refused at parse time like "{}{}", naming the template
+    for template in ("{0} or {0}", "{}{}"):
+        msg = bad(URL, {"candidate_labels": ["a"], "hypothesis_template": template})
+        assert "hypothesis_template must contain exactly one {}" in msg and "2 fields" in msg, msg
 
 
 def test_top_k_and_function_to_apply():
