@@ -1,0 +1,3 @@
+from siglip.index.cli import main
+
+raise SystemExit(main())

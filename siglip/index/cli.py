@@ -1,0 +1,240 @@
+"""siglip-index: build a LanceDB catalog of image embeddings through the service, and search it.
+
+    siglip-index build ./photos --db ./catalog          # a folder (recursive), a list of URLs, or a CSV
+    siglip-index search --db ./catalog "a red car"      # text query
+    siglip-index search --db ./catalog --image q.jpg    # image query (a path or an http(s) URL)
+
+Exit status of build: 0 every item indexed; 3 finished, some items failed (listed); 1 stopped by an error
+(server unreachable, auth, wrong URL); 130/143 interrupted (SIGINT/SIGTERM; rerun to resume); 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from siglip.index.store import DEFAULT_INDEX_THRESHOLD
+
+logger = logging.getLogger("siglip.index")
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+SHOWN_FAILURES = 20
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", required=True, metavar="PATH",
+                        help="LanceDB database: a directory (created if missing) or any LanceDB URI")
+    parser.add_argument("--table", default="images", help="table name (default: images)")
+    parser.add_argument("--server", default="http://localhost:3000", metavar="URL",
+                        help="the SigLIP service (default: http://localhost:3000)")
+    parser.add_argument("--token", default=os.environ.get("SIGLIP_TOKEN"),
+                        help="bearer token when the service has auth on (default: $SIGLIP_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="seconds per request (default: 120)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="siglip-index", description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="embed a folder, URL list or CSV into a table (resumable)")
+    b.add_argument("source", help="a folder of images (recursive), a text file with one URL or path per line, "
+                                  "or a CSV with an id and an image column")
+    b.add_argument("--type", dest="kind", choices=["auto", "folder", "list", "csv"], default="auto",
+                   help="how to read SOURCE (default: auto: folder, .csv/.tsv, else a list)")
+    b.add_argument("--id-column", default="id", help="CSV: the id column (default: id)")
+    b.add_argument("--image-column", default="image",
+                   help="CSV: the column with an http(s) URL or a path relative to the CSV (default: image)")
+    b.add_argument("--batch-size", type=_positive, default=16,
+                   help="images per request, at most the server's SIGLIP_MAX_IMAGES_PER_REQUEST (default: 16)")
+    b.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default: 4)")
+    b.add_argument("--tries", type=_positive, default=8,
+                   help="tries per request on 429/502/503/504 or a broken connection (default: 8)")
+    b.add_argument("--index-threshold", type=int, default=DEFAULT_INDEX_THRESHOLD, metavar="ROWS",
+                   help="build the IVF_HNSW_SQ cosine index once the table has this many rows; below it search "
+                        f"is exact (default: {DEFAULT_INDEX_THRESHOLD}; 0: never)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(b)
+
+    s = sub.add_parser("search", help="the best matches for a text or an image")
+    s.add_argument("query", nargs="?", help="query text")
+    s.add_argument("--image", metavar="PATH_OR_URL", help="query image instead of text")
+    s.add_argument("--top-k", type=_positive, default=10, help="matches to show (default: 10)")
+    _common(s)
+    return top
+
+
+# -------------------------------------------------------------------------------------------------------------
+# build
+# -------------------------------------------------------------------------------------------------------------
+def _summary(args, store, catalog, stats, index: str | None, interrupted: bool) -> dict:
+    failed = catalog.problems + stats.failures
+    return {"db": args.db, "table": args.table, "rows": store.count(), "in_source": len(catalog.items),
+            "skipped": stats.skipped, "added": stats.added, "duplicates": catalog.duplicates,
+            "failed": [f.as_dict() for f in failed], "retries": dict(stats.retries), "requests": stats.requests,
+            "seconds": round(stats.seconds, 2), "images_per_s": round(stats.rate, 2), "index": index,
+            "interrupted": interrupted}
+
+
+def _print_summary(s: dict, threshold: int) -> None:
+    print(f"{s['in_source']} images in the source: {s['skipped']} already in the table, {s['added']} added, "
+          f"{len(s['failed'])} failed ({s['seconds']:.1f} s, {s['images_per_s']:.1f} images/s)"
+          + (f"; {s['duplicates']} duplicate ids ignored" if s["duplicates"] else ""))
+    if s["retries"]:
+        print("retried: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["retries"].items())))
+    index = s["index"] or (f"none (exact search; built at {threshold:,} rows)" if threshold else "none")
+    print(f"table {s['table']!r} in {s['db']}: {s['rows']} rows; ANN index: {index}")
+    for f in s["failed"][:SHOWN_FAILURES]:
+        status = f"HTTP {f['status']}" if f["status"] is not None else "error"
+        print(f"  failed {f['id']}: {status}: {f['error']}")
+    if len(s["failed"]) > SHOWN_FAILURES:
+        print(f"  ... and {len(s['failed']) - SHOWN_FAILURES} more (--json lists them all)")
+    if s["interrupted"]:
+        print("interrupted: the batches written so far are kept; rerun the same command to resume")
+
+
+async def _run_build(args, store, todo, stats, signals: list[int]) -> None:
+    from tqdm import tqdm
+
+    from siglip.client import AsyncSiglipClient
+    from siglip.index.build import Backoff, Builder
+
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def on_term() -> None:
+        signals.append(signal.SIGTERM)
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    bar = tqdm(total=len(todo), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
+               smoothing=0.1)
+
+    def progress(n: int) -> None:
+        bar.update(n)
+        if stats.failures:
+            bar.set_postfix(failed=len(stats.failures), refresh=False)
+
+    try:
+        async with AsyncSiglipClient(args.server, token=args.token, timeout=args.timeout) as client:
+            builder = Builder(client, store, stats, backoff=Backoff(attempts=args.tries), progress=progress)
+            await builder.run(todo, args.batch_size, args.concurrency)
+    finally:
+        bar.close()
+
+
+def build(args) -> int:
+    from siglip.index.build import BuildAborted, BuildStats, plan
+    from siglip.index.sources import SourceError, read_source
+    from siglip.index.store import CatalogStore, StoreError
+
+    try:
+        catalog = read_source(args.source, args.kind, args.id_column, args.image_column)
+        store = CatalogStore(args.db, args.table)
+        todo = plan(catalog.items, store.ids())
+    except (SourceError, StoreError) as exc:
+        print(f"siglip-index: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    stats = BuildStats(total=len(catalog.items), todo=len(todo), skipped=len(catalog.items) - len(todo))
+    logger.info("%s: %d images, %d already in table %r of %s; embedding %d through %s (batches of %d, %d in "
+                "flight)", args.source, stats.total, stats.skipped, args.table, args.db, stats.todo, args.server,
+                args.batch_size, args.concurrency)
+    signals: list[int] = []
+    error, interrupted, index = None, False, None
+    try:
+        asyncio.run(_run_build(args, store, todo, stats, signals))
+    except KeyboardInterrupt:
+        interrupted = True
+        signals.append(signal.SIGINT)
+    except asyncio.CancelledError:
+        interrupted = True
+    except (BuildAborted, StoreError) as exc:
+        error = str(exc)
+    if not interrupted and not error:
+        try:
+            index = store.finish(args.index_threshold, changed=stats.added > 0)
+        except KeyboardInterrupt:
+            interrupted = True
+            signals.append(signal.SIGINT)
+    else:
+        index = store.vector_index()
+    summary = _summary(args, store, catalog, stats, index, interrupted)
+    if args.json:
+        print(json.dumps(summary | ({"error": error} if error else {}), indent=1))
+    else:
+        _print_summary(summary, args.index_threshold)
+    if error:
+        print(f"siglip-index: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    if interrupted:
+        return 128 + (signals[0] if signals else signal.SIGINT)
+    return EXIT_PARTIAL if summary["failed"] else EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------------------
+# search
+# -------------------------------------------------------------------------------------------------------------
+def search(args) -> int:
+    from siglip.client import SiglipClient, SiglipError
+    from siglip.index.sources import is_url
+    from siglip.index.store import CatalogStore, StoreError
+
+    if (args.query is None) == (args.image is None):
+        print("siglip-index search: give a query text or --image, not both", file=sys.stderr)
+        return EXIT_USAGE
+    image = None
+    if args.image is not None:
+        image = args.image if is_url(args.image) else Path(args.image)
+        if isinstance(image, Path) and not image.is_file():
+            print(f"siglip-index search: {args.image}: no such file", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        store = CatalogStore(args.db, args.table)
+        with SiglipClient(args.server, token=args.token, timeout=args.timeout) as client:
+            vector = client.image_embedding([image]) if image is not None else client.text_embedding([args.query])
+        matches = store.search(vector[0], args.top_k)
+    except SiglipError as exc:
+        status = "no connection" if exc.status is None else f"HTTP {exc.status}"
+        print(f"siglip-index search: the server answered {status}: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    except StoreError as exc:
+        print(f"siglip-index search: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps([m.as_dict() for m in matches], indent=1))
+    else:
+        width = max((len(m.id) for m in matches), default=2)
+        for rank, m in enumerate(matches, 1):
+            print(f"{rank:>3}  {m.score:.4f}  {m.id:<{width}}  {m.source}")
+    return EXIT_OK
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (a StreamHandler keeps the stream it started with)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("siglip-index: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    return build(args) if args.command == "build" else search(args)

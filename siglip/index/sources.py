@@ -1,0 +1,140 @@
+"""What to index: a folder of images, a list of URLs/paths, or a CSV, read into ``Item``s with stable ids.
+
+The id is what a rerun matches on to skip work already done: the file path relative to the folder (POSIX
+separators), the line of the list as written, or the CSV's id column.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
+SourceKind = Literal["auto", "folder", "list", "csv"]
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    source: str  # stored beside the embedding: the absolute path or the URL
+    image: str | Path  # what the client is given: a URL, or a Path it reads itself
+
+
+@dataclass(frozen=True)
+class Failure:
+    id: str
+    source: str
+    status: int | None  # the server's HTTP status; None when no answer came (or a local problem)
+    error: str
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "source": self.source, "status": self.status, "error": self.error}
+
+
+@dataclass
+class Catalog:
+    items: list[Item] = field(default_factory=list)
+    problems: list[Failure] = field(default_factory=list)  # rows that name no usable image
+    duplicates: int = 0  # items whose id appeared earlier in the source (the first one is kept)
+
+    def add(self, item: Item, seen: set[str]) -> None:
+        if item.id in seen:
+            self.duplicates += 1
+            return
+        seen.add(item.id)
+        self.items.append(item)
+
+
+class SourceError(ValueError):
+    """The source as a whole cannot be read (missing, wrong format, missing CSV column)."""
+
+
+def is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
+
+
+def _image_ref(value: str, base: Path) -> tuple[str, str | Path]:
+    """(source, image) for a URL or a path relative to ``base``."""
+    if is_url(value):
+        return value, value
+    path = (base / value).resolve()
+    return str(path), path
+
+
+def detect_kind(path: Path) -> Literal["folder", "list", "csv"]:
+    if path.is_dir():
+        return "folder"
+    if not path.is_file():
+        raise SourceError(f"{path}: no such file or folder")
+    return "csv" if path.suffix.lower() in (".csv", ".tsv") else "list"
+
+
+def read_folder(root: Path) -> Catalog:
+    """Image files under ``root`` (recursive, by suffix, symlinked folders not followed), in path order."""
+    catalog, seen = Catalog(), set()
+    root = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                catalog.add(Item(path.relative_to(root).as_posix(), str(path), path), seen)
+    return catalog
+
+
+def read_list(path: Path) -> Catalog:
+    """One image per line: an http(s) URL, or a path relative to the list's folder. Blank lines and lines
+    starting with ``#`` are ignored; the id is the line as written."""
+    catalog, seen = Catalog(), set()
+    base = path.resolve().parent
+    for line in path.read_text(encoding="utf-8").splitlines():
+        value = line.strip()
+        if value and not value.startswith("#"):
+            source, image = _image_ref(value, base)
+            catalog.add(Item(value, source, image), seen)
+    return catalog
+
+
+def read_csv(path: Path, id_column: str = "id", image_column: str = "image") -> Catalog:
+    """A CSV (or TSV, by suffix) with a header row; the image column holds an http(s) URL or a path relative to
+    the CSV's folder."""
+    catalog, seen = Catalog(), set()
+    base = path.resolve().parent
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns = reader.fieldnames or []
+        missing = [c for c in (id_column, image_column) if c not in columns]
+        if missing:
+            raise SourceError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(columns)}); "
+                              "name them with --id-column / --image-column")
+        for row in reader:
+            line = reader.line_num
+            item_id, value = (row.get(id_column) or "").strip(), (row.get(image_column) or "").strip()
+            if not item_id or not value:
+                empty = id_column if not item_id else image_column
+                catalog.problems.append(Failure(item_id or f"line {line}", value, None,
+                                                f"{path.name} line {line}: empty {empty!r}"))
+                continue
+            source, image = _image_ref(value, base)
+            catalog.add(Item(item_id, source, image), seen)
+    return catalog
+
+
+def read_source(path: str | Path, kind: SourceKind = "auto", id_column: str = "id",
+                image_column: str = "image") -> Catalog:
+    path = Path(path)
+    kind = detect_kind(path) if kind == "auto" else kind
+    try:
+        if kind == "folder":
+            if not path.is_dir():
+                raise SourceError(f"{path}: not a folder")
+            return read_folder(path)
+        if kind == "csv":
+            return read_csv(path, id_column, image_column)
+        return read_list(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SourceError(f"{path}: {exc}") from exc
