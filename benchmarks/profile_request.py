@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--backend", default="torch", choices=["torch", "openvino", "auto"],
+                        help="as SIGLIP_BACKEND (openvino: both towers converted, cached in --openvino-cache-dir)")
+    parser.add_argument("--openvino-cache-dir", default="", help="as SIGLIP_OPENVINO_CACHE_DIR")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="load as SIGLIP_CUDA_GRAPHS=1 does and also time the graph replays")
     parser.add_argument("--repeat", type=int, default=30)
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"loading {args.model} ...")
     enc = SiglipEncoder(args.model, device=args.device, dtype=args.dtype, device_decode="auto",
-                        cuda_graphs=args.cuda_graphs)
+                        cuda_graphs=args.cuda_graphs, backend=args.backend,
+                        openvino_cache_dir=args.openvino_cache_dir)
     enc.load()
     if enc.info is None:
         log(f"load failed: {enc.error}")
@@ -92,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     add("gateway", "JSON encode of 1 embedding (orjson)",
         lambda: orjson.dumps([{"embedding": emb[0]}], option=orjson.OPT_SERIALIZE_NUMPY))
     with torch.inference_mode():
-        add("model", "vision tower alone, batch 1", lambda: enc._vision(pixel_values=x1))
-        add("model", "vision tower alone, batch 32 (per call)", lambda: enc._vision(pixel_values=x32), 10)
+        if info.backend == "openvino":
+            add("model", "vision tower + normalize (OpenVINO), batch 1", lambda: enc._embed(x1))
+            add("model", "vision tower + normalize (OpenVINO), batch 32 (per call)", lambda: enc._embed(x32), 10)
+        else:
+            add("model", "vision tower alone, batch 1", lambda: enc._vision(pixel_values=x1))
+            add("model", "vision tower alone, batch 32 (per call)", lambda: enc._vision(pixel_values=x32), 10)
         if info.cuda_graphs:
             add("model", "vision tower + normalize from CUDA graphs, batch 1", lambda: enc._embed(x1))
             add("model", "vision tower + normalize from CUDA graphs, batch 32 (per call)", lambda: enc._embed(x32), 10)
@@ -114,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         add("model", "encode_images: 1 image, called from a worker thread",
             lambda: pool.submit(enc.encode_images, pixels[None]).result())
 
-    print_table(f"where the time of one request goes ({info.device}, {info.dtype}, median of {args.repeat})",
+    print_table(f"where the time of one request goes ({info.device}, {info.dtype}, {info.backend}, "
+                f"median of {args.repeat})",
                 ["side", "stage", "ms"], [(w, s, f"{ms:.2f}") for w, s, ms in rows])
     write_json(args.json, {"meta": meta("profile_request", model=args.model, device=info.device, dtype=info.dtype,
-                                        jpeg_decode=info.jpeg_decode, cuda_graphs=info.cuda_graphs),
+                                        backend=info.backend, jpeg_decode=info.jpeg_decode, cuda_graphs=info.cuda_graphs),
                            "stages": [{"side": w, "stage": s, "ms": ms} for w, s, ms in rows]})
     return 0
 

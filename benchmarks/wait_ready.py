@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import DEFAULT_URL, check_loopback, log, meta, print_table, wait_ready, write_json
 
-LOADED = re.compile(r"Loaded (\S+) on (\S+) \((\w+)\).*?load ([\d.]+) s, warm-up ([\d.]+) s")
+LOADED = re.compile(r"Loaded (\S+) on (\S+) \((\w+)\).*?(?:backend (\w+).*?)?load ([\d.]+) s, warm-up ([\d.]+) s")
 
 
 def alive(pid: int) -> bool:
@@ -51,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.server_log and Path(args.server_log).exists():
         m = LOADED.search(Path(args.server_log).read_text(errors="replace"))
         if m:
-            result.update(model=m.group(1), device=m.group(2), dtype=m.group(3), model_load_s=float(m.group(4)),
-                          model_warmup_s=float(m.group(5)))
+            result.update(model=m.group(1), device=m.group(2), dtype=m.group(3), backend=m.group(4),
+                          model_load_s=float(m.group(5)), model_warmup_s=float(m.group(6)))
     log(f"ready after {ready_s:.1f} s")
-    print_table("start-up (bentoml serve -> /readyz 200)", ["ready s", "device", "dtype", "model load s", "warm-up s"],
-                [[result["ready_s"], result.get("device"), result.get("dtype"), result.get("model_load_s"),
-                  result.get("model_warmup_s")]])
+    print_table("start-up (bentoml serve -> /readyz 200)",
+                ["ready s", "device", "dtype", "backend", "model load s", "warm-up s"],
+                [[result["ready_s"], result.get("device"), result.get("dtype"), result.get("backend"),
+                  result.get("model_load_s"), result.get("model_warmup_s")]])
     write_json(args.json, result)
     return 0
 

@@ -3,6 +3,8 @@
 ``SiglipEncoder`` loads a SigLIP checkpoint (hub id or local directory) with the Auto classes, in a background
 thread, and encodes uint8 pixel batches and text batches into L2-normalized ``pooler_output`` embeddings.
 Rescale and normalization run on the model's device so only uint8 pixels cross process boundaries.
+On CPU the towers may run on OpenVINO instead (``SIGLIP_BACKEND``, ``siglip.openvino_backend``, which converts
+them from the torch model); the input and output contract is the same.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .images import tiny_jpeg
-from .text import tokenize
+from .text import TEXT_MAX_LENGTH, normalize_text, tokenize
 
 logger = logging.getLogger("siglip.encoder")
 RESIZE_CHUNK_BYTES = 256 * 1024 * 1024  # float32 pixels resized in one call on the model's device
@@ -42,6 +44,8 @@ class ModelInfo:
     logit_bias: float
     jpeg_decode: str | None = None  # "nvjpeg" / "pil" when the gateway may forward JPEG bytes, else None
     cuda_graphs: str | None = None  # the captured batch sizes, "1,2,4,...", when the vision tower runs from graphs
+    backend: str = "torch"  # "torch" / "openvino": what runs both towers
+    patch_size: int | None = None  # vision patch size: an image is (image_height/patch)*(image_width/patch) tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,8 +86,12 @@ def resolve_dtype(requested: str, device: str):
 class SiglipEncoder:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", worker_index: int = 1,
                  compile: bool = False, warmup_batch_sizes: Sequence[int] = (1,), device_decode: str = "off",
-                 cuda_graphs: bool = False, max_batch_size: int = 64):
+                 cuda_graphs: bool = False, max_batch_size: int = 64, backend: str = "torch",
+                 openvino_cache_dir: str = "", openvino_threads: int = 0):
         self.model_id = model
+        self._backend = backend  # auto | torch | openvino (siglip.openvino_backend.resolve_backend)
+        self._openvino_cache_dir = openvino_cache_dir
+        self._openvino_threads = openvino_threads
         self._requested = (device, dtype, worker_index, compile)
         self._graph_max_batch = max_batch_size if cuda_graphs else 0
         self._device_decode = device_decode  # auto | on | off
@@ -115,11 +123,17 @@ class SiglipEncoder:
         t0 = time.perf_counter()
         device = resolve_device(device_req, worker_index)
         dtype = resolve_dtype(dtype_req, device)
-        logger.info("Loading %s on %s (%s)...", self.model_id, device, str(dtype).removeprefix("torch."))
+        from .openvino_backend import resolve_backend
+
+        backend = resolve_backend(self._backend, device)
+        logger.info("Loading %s on %s (%s, backend %s)...", self.model_id, device, str(dtype).removeprefix("torch."),
+                    backend)
         if self.model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(self.model_id)):
             # Otherwise the hub client reports a confusing "Repo id must be in the form ..." error.
             raise FileNotFoundError(f"checkpoint directory {self.model_id} does not exist (SIGLIP_MODEL)")
-        model = AutoModel.from_pretrained(self.model_id, dtype=dtype, attn_implementation="sdpa")
+        # OpenVINO converts from fp32 weights (and compares against fp32 torch); it picks its own precision.
+        load_dtype = torch.float32 if backend == "openvino" else dtype
+        model = AutoModel.from_pretrained(self.model_id, dtype=load_dtype, attn_implementation="sdpa")
         for method in ("get_image_features", "get_text_features"):
             if not hasattr(model, method):
                 raise TypeError(f"{type(model).__name__} is not a SigLIP-style dual encoder (no {method})")
@@ -142,27 +156,46 @@ class SiglipEncoder:
         self._pixel_add = (-mean / std).view(1, 3, 1, 1).to(device)
 
         self._torch = torch
-        self._model = model
         self._tokenizer = tokenizer
         self._device = torch.device(device)
-        self._dtype = dtype
-        self._vision = model.get_image_features
-        self._text = model.get_text_features
-        if use_compile:
-            # Batch sizes vary with load: one dynamic-shape graph instead of a recompile per batch size.
-            self._vision = torch.compile(model.get_image_features, dynamic=True)
         self._size = (height, width)
-        graphs = self._capture_graphs() if self._graph_max_batch else None
-        self._embed = graphs if graphs is not None else self._embed_eager
-        self._decode_jpegs = self._jpeg_decoder()
         embed_dim = int(model.config.vision_config.hidden_size)
+        patch_size = int(model.config.vision_config.patch_size)
+        logit_scale = float(model.logit_scale.detach().float().cpu())
+        logit_bias = float(model.logit_bias.detach().float().cpu())
+        towers = self._openvino_towers(model, embed_dim, dtype_req) if backend == "openvino" else None
+        graphs = None
+        if towers is not None:
+            # The torch weights are not needed any more (1.5 GB fp32 for the full model): only the IR runs.
+            del model
+            self._model = None
+            self._dtype = torch.float32  # the towers take fp32 pixels whatever precision OpenVINO runs in
+            self._embed = lambda x: torch.from_numpy(towers.vision(x.numpy()))
+            self._embed_text = lambda ids: torch.from_numpy(towers.text(ids.numpy()))
+            use_compile = False
+        else:
+            backend = "torch"
+            model = model.to(dtype)  # after a failed OpenVINO attempt the model is still fp32
+            self._model = model
+            self._dtype = dtype
+            self._vision = model.get_image_features
+            self._text = model.get_text_features
+            if use_compile:
+                # Batch sizes vary with load: one dynamic-shape graph instead of a recompile per batch size.
+                self._vision = torch.compile(model.get_image_features, dynamic=True)
+            graphs = self._capture_graphs() if self._graph_max_batch else None
+            self._embed = graphs if graphs is not None else self._embed_eager
+            self._embed_text = self._embed_text_eager
+        self._decode_jpegs = self._jpeg_decoder()
         self.info = ModelInfo(
-            model=self.model_id, device=device, dtype=str(dtype).removeprefix("torch."),
+            model=self.model_id, device=device,
+            dtype=towers.precision if towers is not None else str(dtype).removeprefix("torch."),
             image_height=height, image_width=width, resample=int(getattr(processor, "resample", 2)),
-            embed_dim=embed_dim, logit_scale=float(model.logit_scale.detach().float().cpu()),
-            logit_bias=float(model.logit_bias.detach().float().cpu()),
+            embed_dim=embed_dim, logit_scale=logit_scale, logit_bias=logit_bias,
             jpeg_decode=getattr(self._decode_jpegs, "backend", None),
             cuda_graphs=",".join(map(str, graphs.buckets)) if graphs is not None else None,
+            backend=backend,
+            patch_size=patch_size,
         )
         self.load_seconds = time.perf_counter() - t0
 
@@ -174,10 +207,11 @@ class SiglipEncoder:
         self.encode_texts(["warm-up"])
         self.warmup_seconds = time.perf_counter() - t1
         self.ready.set()
-        logger.info("Loaded %s on %s (%s): %dx%d images, %d-dim embeddings, JPEG decode in %s, vision tower %s; "
+        logger.info("Loaded %s on %s (%s): %dx%d images, %d-dim embeddings, JPEG decode in %s, backend %s; "
                     "load %.1f s, warm-up %.1f s", self.model_id, device, self.info.dtype, height, width, embed_dim,
                     self.info.jpeg_decode or "the gateway",
-                    ("compiled" if use_compile else "eager")
+                    "openvino (both towers)" if towers is not None else "torch, vision tower "
+                    + ("compiled" if use_compile else "eager")
                     + (f", replayed from CUDA graphs ({self.info.cuda_graphs})" if self.info.cuda_graphs else ""),
                     self.load_seconds, self.warmup_seconds)
 
@@ -237,6 +271,30 @@ class SiglipEncoder:
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
         return self._torch.nn.functional.normalize(feats.float(), dim=-1)
 
+    def _embed_text_eager(self, input_ids: Any) -> Any:
+        return self._normalized(self._text(input_ids=input_ids))
+
+    def _openvino_towers(self, model: Any, embed_dim: int, dtype_req: str):
+        """Both towers on OpenVINO, checked against this fp32 ``model``; None: keep torch (the reason is logged)."""
+        from pathlib import Path
+
+        from . import openvino_backend
+
+        torch = self._torch
+
+        def reference(fn):
+            def run(x: np.ndarray) -> np.ndarray:
+                with torch.inference_mode():
+                    return self._normalized(fn(torch.from_numpy(x))).numpy()
+            return run
+
+        cache_dir = Path(self._openvino_cache_dir) if self._openvino_cache_dir else openvino_backend.default_cache_dir()
+        return openvino_backend.towers_or_none(
+            model, self.model_id, cache_dir, self._size, TEXT_MAX_LENGTH, embed_dim, dtype_req, self._openvino_threads,
+            reference_vision=reference(lambda x: model.get_image_features(pixel_values=x)),
+            reference_text=reference(lambda ids: model.get_text_features(input_ids=ids)),
+            text_ids=lambda texts: tokenize(self._tokenizer, texts))
+
     def _capture_graphs(self):
         if self._device.type != "cuda":
             logger.warning("SIGLIP_CUDA_GRAPHS=1 needs a CUDA device; the vision tower runs eager on %s", self._device)
@@ -271,7 +329,13 @@ class SiglipEncoder:
         torch = self._torch
         ids = torch.from_numpy(tokenize(self._tokenizer, texts)).to(self._device)
         with torch.inference_mode():
-            return self._normalized(self._text(input_ids=ids)).cpu().numpy()
+            return self._embed_text(ids).cpu().numpy()
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text the text tower reads: lowercased, truncated at 64 with EOS kept; padding not counted."""
+        ids = self._tokenizer([normalize_text(t) for t in texts], truncation=True, max_length=TEXT_MAX_LENGTH,
+                              return_attention_mask=False)["input_ids"]
+        return [len(row) for row in ids]
 
 
 def apply_orientation(img: Any, orientation: int) -> Any:

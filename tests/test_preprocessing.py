@@ -26,18 +26,28 @@ TEXTS = ["a photo of a cat", "glossy white porcelain tile", "Rustic OAK wood flo
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures and helpers
 # ---------------------------------------------------------------------------------------------------------------
-def _loaded_encoder(path, dtype: str):
+def _loaded_encoder(path, dtype: str, backend: str = "torch", cache_dir: str = ""):
     from siglip.encoder import SiglipEncoder
 
-    enc = SiglipEncoder(str(path), device="cpu", dtype=dtype)
+    enc = SiglipEncoder(str(path), device="cpu", dtype=dtype, backend=backend, openvino_cache_dir=cache_dir)
     enc.load()
     assert enc.error is None, enc.error
+    assert enc.info.backend == backend  # no silent fallback: these parity tests are for this backend
     return enc
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_checkpoint):
+def torch_encoder(tiny_checkpoint):
     return _loaded_encoder(tiny_checkpoint, "float32")
+
+
+@pytest.fixture(scope="module", params=["torch", "openvino"])
+def encoder(request, torch_encoder, tiny_checkpoint, tmp_path_factory):
+    """The fp32 encoder on each backend: every parity test below runs on both."""
+    if request.param == "torch":
+        return torch_encoder
+    pytest.importorskip("openvino")
+    return _loaded_encoder(tiny_checkpoint, "float32", "openvino", str(tmp_path_factory.mktemp("ov-cache")))
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +63,9 @@ def tokenizer(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def spec(encoder) -> ImageSpec:
-    return ImageSpec(encoder.info.image_height, encoder.info.image_width, resample=encoder.info.resample)
+def spec(torch_encoder) -> ImageSpec:
+    info = torch_encoder.info
+    return ImageSpec(info.image_height, info.image_width, resample=info.resample)
 
 
 def cos(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# CPU backends side by side, in one run: benchmarks/run_all.sh once per SIGLIP_BACKEND (default "torch openvino";
+# the naive fp32 baseline in the first only), then compare_backends.py prints the ratios. The OpenVINO cache is
+# filled before the timed runs, so their start-up is the warm-cache one (the conversion time is logged apart).
+#
+#   bash benchmarks/compare_backends.sh                       # full size; results in /tmp/bench-backends
+#   SIZE=tiny bash benchmarks/compare_backends.sh             # smoke run
+#   ROUNDS=2 bash benchmarks/compare_backends.sh              # torch, openvino, torch, openvino (noisy hosts)
+# Knobs (env): BACKENDS, ROUNDS, OUT, SIGLIP_OPENVINO_CACHE_DIR, and every run_all.sh knob (defaults here:
+#   LOAD_DURATION=0, TP_IMAGE_LEVELS=1,4, TP_ZS_LEVELS=4, TP_TEXT_LEVELS=4, LAT_REQUESTS=20).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${PY:-}" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+export PY
+SIZE=${SIZE:-full}
+export SIZE
+BACKENDS=${BACKENDS:-torch openvino}
+ROUNDS=${ROUNDS:-1}
+OUT=${OUT:-/tmp/bench-backends}
+export CKPT=${CKPT:-/tmp/siglip-bench-ckpt-$SIZE}
+export LOAD_DURATION=${LOAD_DURATION:-0}
+export TP_IMAGE_LEVELS=${TP_IMAGE_LEVELS:-1,4} TP_ZS_LEVELS=${TP_ZS_LEVELS:-4} TP_TEXT_LEVELS=${TP_TEXT_LEVELS:-4}
+[ "$SIZE" = tiny ] || export LAT_REQUESTS=${LAT_REQUESTS:-20}
+export SIGLIP_OPENVINO_CACHE_DIR=${SIGLIP_OPENVINO_CACHE_DIR:-$OUT/openvino-cache}
+export BENTOML_DO_NOT_TRACK=True PYTHONUNBUFFERED=1
+log() { echo "[compare_backends $(date +%H:%M:%S)] $*" >&2; }
+mkdir -p "$OUT"
+FAILED=0
+
+if [ ! -f "$CKPT/config.json" ]; then
+  "$PY" benchmarks/make_checkpoint.py "$CKPT" --size "$SIZE" || exit 1
+fi
+if [[ " $BACKENDS " == *" openvino "* ]]; then
+  log "filling the OpenVINO cache in $SIGLIP_OPENVINO_CACHE_DIR (converts once per checkpoint and versions)"
+  "$PY" - <<'PYEOF' || FAILED=1
+import logging, os, sys, time
+sys.path.insert(0, ".")
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+from siglip.encoder import SiglipEncoder
+t0 = time.perf_counter()
+enc = SiglipEncoder(os.environ["CKPT"], device="cpu", backend="openvino",
+                    openvino_cache_dir=os.environ["SIGLIP_OPENVINO_CACHE_DIR"], warmup_batch_sizes=())
+enc.load()
+print(f"OpenVINO cache ready: backend {enc.info.backend if enc.info else enc.error}, {time.perf_counter() - t0:.1f} s")
+PYEOF
+fi
+
+DIRS=()
+for round in $(seq "$ROUNDS"); do
+  for backend in $BACKENDS; do
+    dir="$OUT/round$round/$backend"
+    naive=0
+    [ ${#DIRS[@]} -eq 0 ] && naive=${NAIVE_REQUESTS:-10}
+    mkdir -p "$OUT/round$round"
+    log "round $round: SIGLIP_BACKEND=$backend -> $dir"
+    SIGLIP_BACKEND=$backend OUT="$dir" NAIVE_REQUESTS=$naive bash benchmarks/run_all.sh >"$dir.log" 2>&1 || {
+      FAILED=1; log "run_all.sh for $backend failed: see $dir.log"; }
+    DIRS+=("$dir")
+  done
+  # this round's directories, first backend as the base
+  "$PY" benchmarks/compare_backends.py "${DIRS[@]: -$(wc -w <<<"$BACKENDS")}" --naive "${DIRS[0]}/naive.json" \
+    --json "$OUT/round$round/compare.json" \
+    | tee "$OUT/round$round/compare.txt"
+done
+lscpu | grep 'Model name' | tee -a "$OUT/round1/compare.txt"
+exit "$FAILED"
