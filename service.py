@@ -20,12 +20,22 @@ import httpx
 import numpy as np
 from bentoml.exceptions import BentoMLException
 from pydantic import Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from siglip import observe, playground
+from siglip.bento import image as bento_image
+from siglip.connections import ConnectionLimits, install_connection_limits
+from siglip.docs_page import DocsPage
+from siglip.drain import hold_sigterm_until_callers_exit
 from siglip.engine import Engine
 from siglip.errors import NotReady, Overloaded
 from siglip.fetch import Fetcher, FetchPolicy
-from siglip.http import RequestGuard, answer, set_keep_alive
+from siglip.http import RequestGuard, answer
 from siglip.images import tiny_jpeg
+from siglip.openai_api import OpenAIEmbeddings
 from siglip.settings import get_settings
 
 # BentoML's logging setup leaves the root logger at WARNING: give our own loggers a level so the
@@ -34,11 +44,13 @@ logging.getLogger("siglip").setLevel(logging.INFO)
 logger = logging.getLogger("siglip.service")
 
 settings = get_settings()
-if settings.keep_alive_s:
-    set_keep_alive(settings.keep_alive_s)  # both services: the gateway's clients and its own calls to the model
-API_ROUTES = ("/", "/zero_shot", "/image_embedding", "/text_embedding", "/similarity")
+# Both services' servers: keep-alive, header limits and deadline, connection cap (the gateway's clients and its
+# own calls to the model).
+install_connection_limits(ConnectionLimits.from_settings(settings))
+API_ROUTES = ("/", "/zero_shot", "/image_embedding", "/text_embedding", "/similarity", "/v1/embeddings")
 
-image = bentoml.images.Image(python_version="3.11").requirements_file("requirements.txt")
+# SIGLIP_IMAGE=gpu (default) | cpu picks the locked requirements at `bentoml build` time (siglip/bento.py).
+image = bento_image(settings)
 
 
 @bentoml.service(
@@ -50,7 +62,7 @@ image = bentoml.images.Image(python_version="3.11").requirements_file("requireme
     **({"resources": {"gpu": settings.gpus}} if settings.gpus else {}),
     # Image, JPEG and text batches may overlap: one prepares on the CPU while another runs on the GPU.
     threads=settings.model_threads,
-    traffic={"timeout": settings.request_timeout_s + 30},
+    traffic={"timeout": settings.request_timeout_s + 30, "concurrency": settings.target_concurrency},
     # Work around bentoml#5540: the caller's connection is otherwise replaced every 100 calls while other
     # calls are in flight, and those fail with "Cannot write to closing transport".
     runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
@@ -65,9 +77,14 @@ class SiglipModel:
         worker = bentoml.server_context.worker_index or 1
         self.encoder = SiglipEncoder(settings.model, settings.device, settings.dtype, worker_index=worker,
                                      compile=settings.compile, device_decode=settings.device_decode,
-                                     cuda_graphs=settings.cuda_graphs, max_batch_size=settings.max_batch_size)
+                                     cuda_graphs=settings.cuda_graphs, max_batch_size=settings.max_batch_size,
+                                     backend=settings.backend, openvino_cache_dir=settings.openvino_cache_dir,
+                                     openvino_threads=settings.openvino_threads)
         self.encoder.start_loading()
+        # BentoML stops all services at once: keep answering until the gateway has answered its requests.
+        hold_sigterm_until_callers_exit("SiglipModel", max_wait_s=settings.request_timeout_s + 10)
         self._batchers_trained: asyncio.Future | None = None
+        self._count_batches = False  # siglip_model_batch_size shows traffic, not the start-up training calls
 
     async def __is_ready__(self) -> bool:
         if not self.encoder.ready.is_set():
@@ -95,6 +112,8 @@ class SiglipModel:
         except Exception:
             logger.exception("adaptive batcher warm-up failed")
         logger.info("Adaptive batchers trained in %.1f s", time.perf_counter() - t0)
+        observe.metrics().loaded(info.to_dict())
+        self._count_batches = True
 
     @bentoml.api
     async def info(self) -> dict:
@@ -105,6 +124,8 @@ class SiglipModel:
                  max_latency_ms=settings.max_latency_ms)
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 pixels (N, H, W, 3) at the checkpoint's size -> L2-normalized embeddings (N, D)."""
+        if self._count_batches:
+            observe.metrics().model_batch("images", len(pixels))
         return self.encoder.encode_images(pixels)
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=settings.max_batch_size,
@@ -112,13 +133,22 @@ class SiglipModel:
     def encode_jpegs(self, items: list[Any]) -> np.ndarray:
         """(JPEG bytes, EXIF orientation) pairs -> embeddings (N, D), decoded next to the model; NaN rows for
         images that fail to decode."""
+        if self._count_batches:
+            observe.metrics().model_batch("jpegs", len(items))
         return self.encoder.encode_jpegs(items)
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=settings.max_texts_per_request,
                  max_latency_ms=settings.max_latency_ms)
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> L2-normalized embeddings (N, D)."""
+        if self._count_batches:
+            observe.metrics().model_batch("texts", len(texts))
         return self.encoder.encode_texts(texts)
+
+    @bentoml.api
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens the text tower reads per text (OpenAI-style usage counts; the gateway has no tokenizer)."""
+        return self.encoder.count_tokens(texts)
 
 
 class BentoModelClient:
@@ -141,6 +171,9 @@ class BentoModelClient:
 
     async def encode_texts(self, texts: list[str]) -> np.ndarray:
         return await self._call("encode_texts", texts)
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        return await self._call("count_tokens", texts)
 
     async def _call(self, name: str, *args: Any) -> Any:
         for attempt in range(self.RETRIES + 1):
@@ -168,31 +201,42 @@ PARAMETERS = Field(None, description='{"mode": ..., "candidate_labels": [...], "
                    examples=[{"mode": "text_embedding"}])
 
 
+async def _v1_embeddings(request: Request) -> Response:
+    body = await request.body()
+    return await answer(lambda: bentoml.get_current_service().openai.create(body), request.url.path)
+
+
+async def _v1_models(request: Request) -> Response:
+    name = request.path_params.get("name")
+    return await answer(lambda: bentoml.get_current_service().openai.models(name), request.url.path)
+
+
+# OpenAI's embeddings API (siglip.openai_api), as its own app: BentoML APIs are POST-only and shape their errors.
+openai_app = Starlette(routes=[Route("/embeddings", _v1_embeddings, methods=["POST"]),
+                               Route("/models", _v1_models, methods=["GET"]),
+                               Route("/models/{name:path}", _v1_models, methods=["GET"])])
+
+
+@bentoml.asgi_app(openai_app, path="/v1", name="openai")
+@bentoml.asgi_app(playground.app, path="/", name="playground")  # GET /playground (its exact paths only)
 @bentoml.service(
     name="SiglipGateway",
     image=image,
     workers=settings.gateway_workers,
-    traffic={"timeout": settings.request_timeout_s + 10},
+    # siglip.observe writes one structured line per request (with mode, counts and request id) instead.
+    logging={"access": {"enabled": False}},
+    traffic={"timeout": settings.request_timeout_s + 10, "concurrency": settings.target_concurrency},
 )
 class SiglipGateway:
     model = bentoml.depends(SiglipModel)
 
     def __init__(self) -> None:
         logging.getLogger("siglip").disabled = False
-        from bentoml.metrics import Counter
-
-        hits = Counter(name="siglip_text_cache_hits", documentation="Text embeddings served from the cache")
-        misses = Counter(name="siglip_text_cache_misses", documentation="Text embeddings computed by the model")
-
-        def on_cache(h: int, m: int) -> None:
-            if h:
-                hits.inc(h)
-            if m:
-                misses.inc(m)
-
         self.fetcher = Fetcher(FetchPolicy.from_settings(settings))
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="siglip-decode")
-        self.engine = Engine(settings, BentoModelClient(self.model), self.fetcher, self.pool, on_cache=on_cache)
+        self.engine = Engine(settings, BentoModelClient(self.model), self.fetcher, self.pool,
+                             on_cache=observe.metrics().text_cache)
+        self.openai = OpenAIEmbeddings(self.engine, settings.model)
         logger.info("Gateway worker %s ready (pid %d): %r", bentoml.server_context.worker_index, os.getpid(),
                     settings)
 
@@ -232,8 +276,13 @@ class SiglipGateway:
         return await self._serve("similarity", inputs, parameters)
 
 
+# Outermost first: the observer sees every answer (the guard's refusals too), the docs page sits behind auth.
+SiglipGateway.add_asgi_middleware(observe.Observer, routes=frozenset(API_ROUTES))
 SiglipGateway.add_asgi_middleware(
     RequestGuard, api_paths=frozenset(API_ROUTES), tokens=settings.api_token,
     max_body_bytes=settings.max_body_bytes, max_concurrency=settings.max_concurrency,
-    max_inflight_body_bytes=settings.max_inflight_body_bytes, body_timeout_s=settings.request_timeout_s,
+    max_inflight_body_bytes=settings.max_inflight_body_bytes, body_timeout_s=settings.body_timeout_s,
+    min_upload_rate=settings.min_upload_bytes_per_s, max_uploads=settings.max_uploads,
+    request_timeout_s=settings.request_timeout_s,
 )
+SiglipGateway.add_asgi_middleware(DocsPage)

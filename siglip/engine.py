@@ -6,7 +6,7 @@
       ModelClient.encode_*          the model service (batched across requests)
       scoring                       cosine, logits, softmax/sigmoid, ranking
 
-The model is reached through ``ModelClient`` (four async methods), so the engine never imports BentoML or
+The model is reached through ``ModelClient`` (five async methods), so the engine never imports BentoML or
 torch and the service layer stays thin.
 """
 
@@ -17,14 +17,14 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import orjson
 
-from . import scoring
+from . import observe, scoring
 from .coalesce import Coalescer
-from .errors import BadRequest, DeadlineExceeded, NotReady
+from .errors import BadRequest, DeadlineExceeded, FetchError, NotReady
 from .fetch import Fetcher
 from .images import ImageSpec, JpegPayload, is_http_url, prepare_image, prepare_image_string, url_scheme
 from .requests import ImageInput, Limits, ParsedRequest, parse_request
@@ -32,6 +32,7 @@ from .settings import Settings
 from .textcache import TextEmbeddingCache
 
 logger = logging.getLogger("siglip.engine")
+T = TypeVar("T")
 
 
 class ModelClient(Protocol):
@@ -39,6 +40,7 @@ class ModelClient(Protocol):
     async def encode_images(self, pixels: np.ndarray) -> np.ndarray: ...
     async def encode_jpegs(self, items: list[tuple[bytes, int]]) -> np.ndarray: ...
     async def encode_texts(self, texts: list[str]) -> np.ndarray: ...
+    async def count_tokens(self, texts: list[str]) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ModelView:
     logit_scale: float
     logit_bias: float
     embed_dim: int
+    patch_size: int | None = None  # the vision tower's patch: an image is (height/patch)*(width/patch) tokens
 
 
 class Engine:
@@ -74,10 +77,15 @@ class Engine:
 
     async def run(self, inputs: Any, parameters: Any, endpoint_mode: str | None = None) -> bytes:
         request = parse_request(inputs, parameters, endpoint_mode, self.limits)
+        observe.note_request(request.mode, len(request.images), len(request.texts))
+        return orjson.dumps(await self.within_deadline(self.answer(request)), option=orjson.OPT_SERIALIZE_NUMPY)
+
+    async def within_deadline(self, work: Awaitable[T]) -> T:
+        """``work`` under the whole-request deadline (504 past SIGLIP_REQUEST_TIMEOUT_S)."""
         deadline = asyncio.timeout(self.settings.request_timeout_s)
         try:
             async with deadline:
-                return orjson.dumps(await self.answer(request), option=orjson.OPT_SERIALIZE_NUMPY)
+                return await work
         except TimeoutError:
             if not deadline.expired():  # a timeout from below (the model client's), not the request's deadline
                 raise DeadlineExceeded("the model service did not answer in time") from None
@@ -86,9 +94,18 @@ class Engine:
 
     async def answer(self, request: ParsedRequest) -> Any:
         model = await self.model()
-        image_embeds, text_embeds = await gather_or_cancel(
-            [self.embed_images(request.images, model), self.embed_texts(request.texts)])
+        image_embeds, text_embeds = await self.embed(request.images, request.texts, model)
         return build_response(request, image_embeds, text_embeds, model)
+
+    async def embed(self, images: Sequence[ImageInput], texts: Sequence[str],
+                    model: ModelView) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Embeddings of parsed images and texts, computed concurrently (None for a side with no items)."""
+        image_embeds, text_embeds = await gather_or_cancel([self.embed_images(images, model), self.embed_texts(texts)])
+        return image_embeds, text_embeds
+
+    async def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens the text tower reads for each text (the model service owns the tokenizer)."""
+        return list(await self.client.count_tokens(list(texts))) if texts else []
 
     async def model(self) -> ModelView:
         if self._model is None:
@@ -100,7 +117,8 @@ class Engine:
                 image=ImageSpec(info["image_height"], info["image_width"], info["resample"],
                                 self.settings.jpeg_draft_factor),
                 forward_jpeg=bool(info.get("jpeg_decode")),
-                logit_scale=info["logit_scale"], logit_bias=info["logit_bias"], embed_dim=info["embed_dim"])
+                logit_scale=info["logit_scale"], logit_bias=info["logit_bias"], embed_dim=info["embed_dim"],
+                patch_size=info.get("patch_size"))
         return self._model
 
     async def embed_images(self, images: Sequence[ImageInput], model: ModelView) -> np.ndarray | None:
@@ -131,7 +149,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         if is_http_url(item.value):
             async with fetch_slots:
-                data = await self.fetcher.fetch(item.value, item.where)
+                try:
+                    data = await self.fetcher.fetch(item.value, item.where)
+                except FetchError as exc:
+                    observe.note_fetch_failure(exc.kind)
+                    raise
             return await loop.run_in_executor(self.pool, prepare_image, data, f"{item.where} ({item.value})",
                                               model.image, s.max_image_pixels, model.forward_jpeg)
         scheme = url_scheme(item.value)

@@ -2,15 +2,16 @@
 
 ``RequestGuard`` runs before BentoML parses anything, because BentoML's own parsing turns malformed JSON into
 a 500 or an opaque validation error and cannot tell a missing field from null. In order, for API calls:
-bearer auth (401), in-flight limit (429), body size (413), JSON well-formedness and shape (400). The body is
-then replayed to BentoML. While the request runs, the guard watches the connection: if the client goes away,
+one Authorization header (400) and bearer auth (401), declared body size (413) and in-flight limit (429), all
+from the headers alone; then the body (upload slots, rate, size and memory budget: 408/413/429), JSON
+well-formedness, depth and shape (400). The body is then replayed to BentoML; error answers BentoML or Starlette
+write as plain text (404, 405) get the service's error body. While the request runs, the guard watches the connection: if the client goes away,
 the request's task is cancelled so no work is done for nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -19,12 +20,18 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from . import observe
 from .errors import BadRequest, BodyTimeout, Overloaded, PayloadTooLarge, ServiceError, Unauthorized
+from .openai_api import OPENAI_PREFIX
+from .openai_api import error_object as openai_error_object
 from .settings import MB, fmt_bytes
 
 logger = logging.getLogger("siglip.http")
 
-OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics",
+                        "/playground", "/playground/playground.js", "/playground/playground.css"})
+
+MAX_JSON_DEPTH = 32
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -35,31 +42,43 @@ def json_response(body: bytes, status: int = 200, headers: dict[str, str] | None
     return Response(content=body, status_code=status, media_type="application/json", headers=headers)
 
 
-def error_response(exc: ServiceError) -> Response:
-    return json_response(orjson.dumps({"error": exc.message}), exc.status, dict(exc.headers))
+def error_body(exc: ServiceError, path: str = "") -> bytes:
+    """{"error": message}; under /v1/ OpenAI's {"error": {"message", "type", "param", "code"}}, which its SDKs read."""
+    if path.startswith(OPENAI_PREFIX):
+        return orjson.dumps(openai_error_object(exc))
+    return orjson.dumps({"error": exc.message})
 
 
-async def answer(run: Callable[[], Awaitable[bytes]]) -> Response:
+def error_response(exc: ServiceError, path: str = "") -> Response:
+    observe.note_error(exc.reason)
+    return json_response(error_body(exc, path), exc.status, dict(exc.headers))
+
+
+async def answer(run: Callable[[], Awaitable[bytes]], path: str = "") -> Response:
     """Run one API call; every ServiceError becomes its status + {"error": ...}, anything else a logged 500."""
     try:
         return json_response(await run())
     except ServiceError as exc:
         if exc.status >= 500:
             logger.warning("answered %d: %s", exc.status, exc.message)
-        return error_response(exc)
+        return error_response(exc, path)
     except Exception as exc:
         logger.exception("unexpected error")
-        return json_response(orjson.dumps({"error": f"internal error: {type(exc).__name__}"}), 500)
+        return json_response(error_body(ServiceError(f"internal error: {type(exc).__name__}"), path), 500)
 
 
-def check_body(body: bytes) -> None:
-    """The body must be a JSON object with "inputs" (and "parameters", if any, an object)."""
+def check_body(body: bytes, path: str = "") -> None:
+    """The body must be a JSON object with "inputs" (and "parameters", if any, an object); under /v1/ just a JSON
+    object, whose fields ``siglip.openai_api`` checks."""
+    if path.startswith(OPENAI_PREFIX):
+        return _check_openai_body(body)
     if not body.strip():
         raise BadRequest('request body is empty; send JSON like {"inputs": ..., "parameters": {...}}')
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    check_depth(data)
     if not isinstance(data, dict):
         raise BadRequest('request body must be a JSON object like {"inputs": ..., "parameters": {...}}')
     if "inputs" not in data:
@@ -67,6 +86,29 @@ def check_body(body: bytes) -> None:
     params = data.get("parameters")
     if params is not None and not isinstance(params, dict):
         raise BadRequest("parameters must be a JSON object")
+
+
+def _check_openai_body(body: bytes) -> None:
+    if not body.strip():
+        raise BadRequest('request body is empty; send JSON like {"model": ..., "input": ...}')
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    check_depth(data)
+    if not isinstance(data, dict):
+        raise BadRequest('request body must be a JSON object like {"model": ..., "input": ...}')
+
+
+def check_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """orjson parses 1024 levels, BentoML's pydantic parser fewer (it answers a bare validation error); no
+    request needs more than a few."""
+    level = [data]
+    for _ in range(limit + 1):
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return
+    raise BadRequest(f"request body is nested deeper than {limit} levels")
 
 
 def is_last_body(message: dict[str, Any]) -> bool:
@@ -86,9 +128,19 @@ def token_ok(header: str | None, tokens: tuple[str, ...]) -> bool:
 
 
 class RequestGuard:
+    """Budgets, per gateway worker: ``max_uploads`` requests still receiving their body (one whose body came
+    with its first read needs none), ``max_concurrency`` requests with a complete body being served, and
+    ``max_inflight_body_bytes`` of bodies held. A slow upload can only take upload slots, never the slots of
+    requests ready to run, and it must keep up ``min_upload_rate`` bytes/s once ``body_timeout_s`` has passed.
+
+    Refusals (400 for several Authorization headers, 401, 413, 429, 408) answer at once, without reading the
+    rest of the body, and close the connection (``siglip.connections`` lingers so the client reads the answer).
+    """
+
     def __init__(self, app: Any, api_paths: frozenset[str], tokens: tuple[str, ...] = (),
                  max_body_bytes: int = 64 * MB, max_concurrency: int = 256, max_inflight_body_bytes: int = 512 * MB,
-                 body_timeout_s: float = 120.0):
+                 body_timeout_s: float = 10.0, min_upload_rate: int = 16 * 1024, max_uploads: int = 64,
+                 request_timeout_s: float = 120.0):
         self.app = app
         self.api_paths = api_paths
         self.tokens = tokens
@@ -96,26 +148,67 @@ class RequestGuard:
         self.max_concurrency = max_concurrency
         self.max_inflight_body_bytes = max_inflight_body_bytes
         self.body_timeout_s = body_timeout_s
-        self.in_flight = 0
+        self.min_upload_rate = min_upload_rate
+        self.max_uploads = max_uploads
+        self.request_timeout_s = request_timeout_s
+        self.in_flight = 0  # requests with their body, being served
+        self.uploads = 0  # requests waiting for more of their body
         self.inflight_body_bytes = 0  # bodies of requests being read or served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if self.tokens and path not in OPEN_PATHS:
-            headers = dict(scope.get("headers") or [])
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            if not token_ok(auth, self.tokens):
-                await self._discard_body(scope, receive)
+        send = shape_errors(send, path)
+        if path not in OPEN_PATHS:
+            auth = [v for k, v in scope.get("headers") or [] if k == b"authorization"]
+            if len(auth) > 1:
+                # Proxies and frameworks disagree on which one counts (first, last, joined): refuse the ambiguity.
+                return await _send_error(send, BadRequest(f"{len(auth)} Authorization headers; send one"),
+                                         close=True, path=path)
+            if self.tokens and not token_ok(auth[0].decode("latin-1") if auth else None, self.tokens):
                 return await _send_error(send, Unauthorized("missing or invalid bearer token (Authorization: "
-                                                            "Bearer <token>)"))
+                                                            "Bearer <token>)"), close=True, path=path)
         if scope.get("method") != "POST" or path not in self.api_paths:
             return await self.app(scope, receive, send)
+        try:
+            self._check_admission(scope)
+        except ServiceError as exc:
+            return await _send_error(send, exc, close=True, path=path)
+        held = 0  # bytes of this body counted in inflight_body_bytes
+        try:
+            try:
+                body = await self._read_body(receive)
+                held = len(body)
+                check_body(body, path)
+            except (PayloadTooLarge, Overloaded, BodyTimeout) as exc:
+                # Refused mid-upload: the rest of the body is not read, so the connection cannot be reused.
+                return await _send_error(send, exc, close=True, path=path)
+            except ServiceError as exc:
+                return await _send_error(send, exc, path=path)
+            if self.in_flight >= self.max_concurrency:  # filled while this body arrived
+                return await _send_error(send, self._busy(), path=path)
+            await self._run(scope, receive, send, body)
+        finally:
+            self.inflight_body_bytes -= held
+
+    def _busy(self) -> Overloaded:
+        return Overloaded(f"server is busy ({self.in_flight} requests in flight, SIGLIP_MAX_CONCURRENCY); "
+                          "retry shortly")
+
+    def _check_admission(self, scope: Scope) -> None:
+        """What can be refused from the headers alone, before any of the body is read."""
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+                raise self._too_large()
         if self.in_flight >= self.max_concurrency:
-            await self._discard_body(scope, receive)
-            return await _send_error(send, Overloaded(f"server is busy ({self.in_flight} requests in flight, "
-                                                      "SIGLIP_MAX_CONCURRENCY); retry shortly"))
+            raise self._busy()
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body is over the {fmt_bytes(self.max_body_bytes)} limit "
+                               "(SIGLIP_MAX_BODY_BYTES)")
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         self.in_flight += 1
         released = False
 
@@ -133,29 +226,9 @@ class RequestGuard:
                 release()
 
         try:
-            await self._guarded(scope, receive, releasing_send)
+            await self._serve(scope, receive, releasing_send, body)
         finally:
             release()
-
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        held = 0  # bytes of this body counted in inflight_body_bytes
-        try:
-            try:
-                try:
-                    async with asyncio.timeout(self.body_timeout_s):
-                        body = await self._read_body(scope, receive)
-                except TimeoutError:
-                    raise BodyTimeout(f"request body did not arrive within {self.body_timeout_s:g} s") from None
-                held = len(body)
-                check_body(body)
-            except (PayloadTooLarge, Overloaded, BodyTimeout) as exc:
-                # Refused mid-upload: the rest of the body is not read, so the connection cannot be reused.
-                return await _send_error(send, exc, close=True)
-            except ServiceError as exc:
-                return await _send_error(send, exc)
-            await self._serve(scope, receive, send, body)
-        finally:
-            self.inflight_body_bytes -= held
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         # BentoML picks its parser by Content-Type; `curl -d` sends form-urlencoded, so declare JSON.
@@ -199,76 +272,91 @@ class RequestGuard:
                 app_task.cancel()
                 await asyncio.gather(app_task, return_exceptions=True)  # release limits only once it stopped
 
-    async def _discard_body(self, scope: Scope, receive: Receive) -> None:
-        """Read and drop a refused request's body (up to the body limit): answering while the client is still
-        sending makes the server drop the connection, which clients see as a reset rather than our answer."""
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return
-        size = 0
-        while size <= self.max_body_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            size += len(message.get("body", b""))
-            if not message.get("more_body"):
-                return
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
-        """The whole body, refusing it (413) past the per-request cap and (429) past the memory budget shared
-        by all requests in flight. Bytes read are counted in ``inflight_body_bytes``; the caller releases them."""
-        too_large = PayloadTooLarge(f"request body is over the {fmt_bytes(self.max_body_bytes)} limit "
-                                    "(SIGLIP_MAX_BODY_BYTES)")
-        for key, value in scope.get("headers", []):
-            if key == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
-                raise too_large
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, refusing it (413) past the per-request cap, (429) past the memory budget shared by all
+        requests in flight or when every upload slot is taken, and (408) when it stops arriving or trickles in
+        (like Apache's mod_reqtimeout: ``body_timeout_s``, extended by one second per ``min_upload_rate`` bytes,
+        at most ``request_timeout_s``). Bytes read are counted in ``inflight_body_bytes``; the caller releases
+        them."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         chunks, size = [], 0
+        uploading = False
         try:
             while True:
-                message = await receive()
+                now = loop.time()
+                until = min(now + self.body_timeout_s, start + self.request_timeout_s,
+                            start + self.body_timeout_s + size / self.min_upload_rate)
+                try:
+                    async with asyncio.timeout(until - now):
+                        message = await receive()
+                except TimeoutError:
+                    raise BodyTimeout(self._slow_body(size, loop.time() - start)) from None
                 if message["type"] == "http.disconnect":
                     raise BadRequest("client disconnected")
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 self.inflight_body_bytes += len(chunk)
                 if size > self.max_body_bytes:
-                    raise too_large
+                    raise self._too_large()
                 if self.inflight_body_bytes > self.max_inflight_body_bytes:
                     raise Overloaded(f"server is holding {fmt_bytes(self.inflight_body_bytes)} of request bodies "
                                      "(SIGLIP_MAX_INFLIGHT_BODY_BYTES); retry shortly")
                 chunks.append(chunk)
                 if not message.get("more_body"):
                     return b"".join(chunks)
+                if not uploading:
+                    if self.uploads >= self.max_uploads:
+                        raise Overloaded(f"{self.uploads} request bodies are still arriving (SIGLIP_MAX_UPLOADS); "
+                                         "retry shortly")
+                    self.uploads += 1
+                    uploading = True
         except BaseException:
             self.inflight_body_bytes -= size
             raise
+        finally:
+            if uploading:
+                self.uploads -= 1
+
+    def _slow_body(self, size: int, elapsed: float) -> str:
+        return (f"request body too slow: {fmt_bytes(size)} in {elapsed:.1f} s (at most {self.body_timeout_s:g} s "
+                f"between reads, SIGLIP_BODY_TIMEOUT_S, then at least {fmt_bytes(self.min_upload_rate)}/s, "
+                f"SIGLIP_MIN_UPLOAD_BYTES_PER_S, within SIGLIP_REQUEST_TIMEOUT_S)")
 
 
-def set_keep_alive(seconds: float) -> None:
-    """Keep idle client connections open ``seconds`` in the uvicorn servers BentoML starts in this process.
+def shape_errors(send: Send, path: str) -> Send:
+    """Error answers not written by this service (BentoML's and Starlette's 404, 405, 500 as plain text) get the
+    service's error body, with their text as the message."""
+    start: dict[str, Any] | None = None
+    chunks: list[bytes] = []
 
-    BentoML runs uvicorn with a 5 s keep-alive, no longer than clients keep idle pooled connections (httpx 5 s,
-    aiohttp 15 s, cloud load balancers 60 s). When the server closes first, a request the client sends on that
-    connection at the same moment meets a reset: ~0.5% of requests failed with ReadError under overload, and the
-    same race gives sporadic 502s behind load balancers. A server keep-alive longer than any client's removes it.
-    uvicorn has no environment variable for this and BentoML only a hidden CLI flag, so the Config is adjusted
-    when BentoML's worker creates it (after importing the service); this overrides `--timeout-keep-alive`.
-    """
-    import uvicorn
+    async def shaped(message: dict[str, Any]) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            content_type = next((v for k, v in message.get("headers", []) if k.lower() == b"content-type"), b"")
+            if not content_type.startswith(b"application/json"):
+                start = message
+                return
+        if start is None or message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        error = ServiceError(b"".join(chunks).decode("utf-8", "replace").strip()[:1000] or "error")
+        error.status = start["status"]
+        body = error_body(error, path)
+        headers = [(k, v) for k, v in start.get("headers", [])
+                   if k.lower() not in (b"content-type", b"content-length", b"transfer-encoding")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
-    # Calling this again replaces our own wrapper, never another library's.
-    original = getattr(uvicorn.Config.__init__, "_siglip_original", uvicorn.Config.__init__)
-
-    @functools.wraps(original)
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        self.timeout_keep_alive = seconds
-
-    init._siglip_original = original  # type: ignore[attr-defined]
-    uvicorn.Config.__init__ = init  # type: ignore[method-assign]
+    return shaped
 
 
-async def _send_error(send: Send, exc: ServiceError, close: bool = False) -> None:
-    body = orjson.dumps({"error": exc.message})
+async def _send_error(send: Send, exc: ServiceError, close: bool = False, path: str = "") -> None:
+    observe.note_error(exc.reason)
+    body = error_body(exc, path)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if close:
         headers.append((b"connection", b"close"))

@@ -36,6 +36,9 @@ class Settings:
     cuda_graphs: bool = False  # replay the vision tower from CUDA graphs captured per batch bucket (CUDA only)
     text_cache_size: int = 4096  # text embeddings kept per gateway worker (LRU); 0 disables
     device_decode: str = "auto"  # auto: JPEGs decoded by nvJPEG on the model's GPU when it can; on | off
+    backend: str = "auto"  # auto: OpenVINO on CPU when installed and its start-up parity check passes; torch | openvino
+    openvino_cache_dir: str = ""  # converted OpenVINO models; empty: ~/.cache/siglip2-serve/openvino (XDG_CACHE_HOME)
+    openvino_threads: int = 0  # OpenVINO inference threads; 0: its default (the cores it may run on)
 
     # Model service processes
     model_workers: int = 1  # model processes, spread round-robin over the visible GPUs (several may share one)
@@ -74,6 +77,22 @@ class Settings:
     max_body_bytes: int = 64 * MB
     max_inflight_body_bytes: int = 512 * MB  # request bodies held at once per gateway worker before 429
 
+    # Connections (every server process): bounds one slow or endless client can hold
+    max_header_bytes: int = 16 * 1024  # request line + headers; 431 and closed past it
+    max_headers: int = 100  # header lines per request; 431 past it
+    header_timeout_s: float = 10.0  # headers must be complete this long after the connection / request starts
+    max_connections: int = 10_000  # open connections per worker (lowered to fit the fd limit); 503 past it
+    body_timeout_s: float = 10.0  # longest wait for the next piece of a request body (408)
+    min_upload_bytes_per_s: int = 16 * 1024  # past body_timeout_s an upload must average this rate (408)
+    max_uploads: int = 64  # requests still receiving their body per gateway worker before 429
+
+    # Deployment: the image variant and base image are read by `bentoml build` (siglip/bento.py)
+    image: str = "gpu"  # gpu: PyPI torch with the CUDA 13 runtime (NVIDIA driver R580+) and torchvision;
+    # cpu: torch+cpu and OpenVINO, no CUDA wheels
+    base_image: str = ""  # the image's FROM; empty: python:3.11-slim. It must provide Python 3.11
+    target_concurrency: int = 32  # traffic.concurrency of both services: the autoscaling target (requests in
+    # flight per replica) that BentoCloud and the Kubernetes HPA scale on
+
     # Auth: one token or several (comma-separated) so they can be rotated; empty = no auth
     api_token: tuple[str, ...] = field(default=(), repr=False)
 
@@ -99,26 +118,36 @@ class Settings:
             raise ValueError(f"SIGLIP_DEVICE must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.device_decode not in ("auto", "on", "off"):
             raise ValueError(f"SIGLIP_DEVICE_DECODE must be auto, on or off, not {self.device_decode!r}")
+        if self.backend not in ("auto", "torch", "openvino"):
+            raise ValueError(f"SIGLIP_BACKEND must be auto, torch or openvino, not {self.backend!r}")
+        if self.backend == "openvino" and self.device.startswith("cuda"):
+            raise ValueError(f"SIGLIP_BACKEND=openvino runs on the CPU only, not SIGLIP_DEVICE={self.device}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"SIGLIP_DTYPE must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         if self.gpus < 0:
             raise ValueError("SIGLIP_GPUS must be 0 or more")
         for name in ("model_workers", "model_threads", "max_batch_size", "max_latency_ms", "gateway_workers", "decode_threads", "max_concurrency",
                      "max_parallel_fetches", "max_image_bytes", "max_image_pixels", "max_images_per_request",
-                     "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_inflight_body_bytes"):
+                     "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_inflight_body_bytes",
+                     "max_header_bytes", "max_headers", "max_connections", "min_upload_bytes_per_s",
+                     "max_uploads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must be positive")
-        for name in ("text_cache_size", "fetch_max_redirects"):  # 0 = off / no redirects
+        for name in ("text_cache_size", "fetch_max_redirects", "openvino_threads"):  # 0 = off / default
             if getattr(self, name) < 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must not be negative")
         for name in ("request_timeout_s", "fetch_connect_timeout_s", "fetch_read_timeout_s",
-                     "fetch_total_timeout_s"):
+                     "fetch_total_timeout_s", "header_timeout_s", "body_timeout_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must be a positive number of seconds")
         if not math.isfinite(self.keep_alive_s) or self.keep_alive_s < 0:
             raise ValueError("SIGLIP_KEEP_ALIVE_S must be 0 (BentoML's default) or a positive number of seconds")
         if not math.isfinite(self.jpeg_draft_factor) or self.jpeg_draft_factor < 0:
             raise ValueError("SIGLIP_JPEG_DRAFT_FACTOR must be 0 (off) or a positive number")
+        if self.image not in ("gpu", "cpu"):
+            raise ValueError(f"SIGLIP_IMAGE must be gpu or cpu, not {self.image!r}")
+        if self.target_concurrency <= 0:
+            raise ValueError("SIGLIP_TARGET_CONCURRENCY must be positive")
 
     def __repr__(self) -> str:  # tokens never reach logs
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "api_token"}

@@ -209,8 +209,9 @@ class ServiceProcess:
         # starts, which would wipe the /metrics of every server started before it.
         home = log_path.parent / "bentoml-home"
         home.mkdir(exist_ok=True)
+        # ...and its own OpenVINO cache, so tests never write converted models into ~/.cache.
         full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1",
-                    "BENTOML_HOME": str(home), **env}
+                    "BENTOML_HOME": str(home), "SIGLIP_OPENVINO_CACHE_DIR": str(home / "openvino-cache"), **env}
         self._log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process lifetime, closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
