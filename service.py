@@ -80,11 +80,12 @@ class SiglipModel:
                                      cuda_graphs=settings.cuda_graphs, max_batch_size=settings.max_batch_size,
                                      backend=settings.backend, openvino_cache_dir=settings.openvino_cache_dir,
                                      openvino_threads=settings.openvino_threads)
-        self.encoder.start_loading()
+        # /metrics says which backend and decode path run as soon as the model is loaded, probes or not.
+        self.encoder.start_loading(on_loaded=lambda info: observe.metrics().loaded(info.to_dict()))
         # BentoML stops all services at once: keep answering until the gateway has answered its requests.
         hold_sigterm_until_callers_exit("SiglipModel", max_wait_s=settings.request_timeout_s + 10)
         self._batchers_trained: asyncio.Future | None = None
-        self._count_batches = False  # siglip_model_batch_size shows traffic, not the start-up training calls
+        self._count_batches = True  # siglip_model_batch_size shows traffic, not the start-up training calls
 
     async def __is_ready__(self) -> bool:
         if not self.encoder.ready.is_set():
@@ -104,6 +105,7 @@ class SiglipModel:
             jpeg = tiny_jpeg()
             calls.append(lambda: self.to_async.encode_jpegs([(jpeg, 1)]))
         t0 = time.perf_counter()
+        self._count_batches = False
         try:
             # Its phases: 8 single calls, then one each of batch 1, 2 and 3 (bentoml/_internal/marshal/dispatcher.py).
             for call in calls:
@@ -111,9 +113,9 @@ class SiglipModel:
                     await asyncio.gather(*(call() for _ in range(width)))
         except Exception:
             logger.exception("adaptive batcher warm-up failed")
+        finally:
+            self._count_batches = True
         logger.info("Adaptive batchers trained in %.1f s", time.perf_counter() - t0)
-        observe.metrics().loaded(info.to_dict())
-        self._count_batches = True
 
     @bentoml.api
     async def info(self) -> dict:

@@ -28,6 +28,8 @@ import asyncio
 import functools
 import logging
 import resource
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +38,8 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from .memory import limit_arenas, trim_heap
+from . import observe
+from .memory import fix_mmap_threshold, limit_arenas, trim_heap
 from .settings import Settings, fmt_bytes
 
 logger = logging.getLogger("siglip.connections")
@@ -83,11 +86,44 @@ class _Refused(Exception):
         self.message = message
 
 
+# What siglip_errors_total calls the refusals made here, before any request reaches the ASGI app.
+REFUSAL_REASONS = {400: "malformed_http", 408: "header_timeout", 431: "header_limit", 503: "connection_limit"}
+
+
 def error_bytes(status: int, message: str) -> bytes:
-    """A complete HTTP/1.1 response with the service's {"error": ...} body, closing the connection."""
+    """A complete HTTP/1.1 response with the service's {"error": ...} body, closing the connection. It is counted
+    in siglip_errors_total and carries an X-Request-ID like every other answer (siglip.observe never sees it)."""
     body = orjson.dumps({"error": message})
+    try:
+        observe.metrics().errors.labels(status=str(status), reason=REFUSAL_REASONS.get(status, "other")).inc()
+    except Exception:  # a refusal must go out even where metrics cannot be recorded
+        logger.debug("could not count a %d refusal", status, exc_info=True)
     return b"".join([STATUS_LINE[status], b"content-type: application/json\r\n",
-                     b"content-length: ", str(len(body)).encode(), b"\r\n", b"connection: close\r\n", b"\r\n", body])
+                     b"content-length: ", str(len(body)).encode(), b"\r\n", b"connection: close\r\n",
+                     b"x-request-id: ", uuid.uuid4().hex.encode(), b"\r\n", b"\r\n", body])
+
+
+class _Throttled:
+    """At most one log line per ``interval_s`` for a repeated event, with the count of those not logged: a
+    connection flood must not also flood the log."""
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self.last = float("-inf")
+        self.skipped = 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            self.skipped += 1
+            return
+        if self.skipped:
+            message += f" ({self.skipped} more since the last such line)"
+        self.last, self.skipped = now, 0
+        logger.warning(message, *args)
+
+
+_cap_warnings = _Throttled()
 
 
 class _LingeringTransport:
@@ -154,7 +190,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if len(self.connections) >= self.limits.max_connections:
             self.refused_at_accept = True
             self.transport = transport
-            logger.warning("refused a connection: %d open (SIGLIP_MAX_CONNECTIONS)", len(self.connections))
+            _cap_warnings.warning("refused a connection: %d open (SIGLIP_MAX_CONNECTIONS)", len(self.connections))
             transport.write(error_bytes(503, f"server has {len(self.connections)} open connections "
                                              "(SIGLIP_MAX_CONNECTIONS); retry shortly"))
             transport.close()
@@ -362,6 +398,7 @@ def install_connection_limits(limits: ConnectionLimits) -> None:
         if bentoml.server_context.service_type == "entry_service":
             # The gateway holds clients' bodies and decodes their images in threads (see siglip.memory).
             limit_arenas(2)
+            fix_mmap_threshold()
 
     init._siglip_original = original  # type: ignore[attr-defined]
     uvicorn.Config.__init__ = init  # type: ignore[method-assign]

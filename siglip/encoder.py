@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,14 +103,17 @@ class SiglipEncoder:
         self.warmup_seconds = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------------------
-    def start_loading(self) -> threading.Thread:
-        thread = threading.Thread(target=self.load, name="siglip-model-loader", daemon=True)
+    def start_loading(self, on_loaded: Callable[[ModelInfo], None] | None = None) -> threading.Thread:
+        """Load in a background thread; ``on_loaded(info)`` runs there once the model is ready."""
+        thread = threading.Thread(target=self.load, args=(on_loaded,), name="siglip-model-loader", daemon=True)
         thread.start()
         return thread
 
-    def load(self) -> None:
+    def load(self, on_loaded: Callable[[ModelInfo], None] | None = None) -> None:
         try:
             self._load()
+            if on_loaded is not None and self.info is not None:
+                on_loaded(self.info)
         except Exception as exc:
             self.error = f"loading {self.model_id} failed: {type(exc).__name__}: {exc}"
             logger.exception("Model %s failed to load; the service stays not-ready", self.model_id)

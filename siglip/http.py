@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -127,6 +128,38 @@ def token_ok(header: str | None, tokens: tuple[str, ...]) -> bool:
     return ok
 
 
+EVICT_AFTER_S = 1.0  # an upload must have run this long before a newcomer may take its slot
+
+
+@dataclass(eq=False)
+class Upload:
+    """A request whose body is still arriving, and what eviction compares: its average rate so far."""
+
+    started: float
+    size: int = 0
+    evicted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def rate(self, now: float) -> float:
+        return self.size / max(now - self.started, 1e-6)
+
+
+async def receive_unless_evicted(receive: Receive, upload: Upload) -> dict[str, Any]:
+    """The next ASGI message, or BodyTimeout as soon as a faster upload has taken this one's slot."""
+    message = asyncio.ensure_future(receive())
+    evicted = asyncio.ensure_future(upload.evicted.wait())
+    try:
+        await asyncio.wait({message, evicted}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (message, evicted):
+            if not task.done():
+                task.cancel()
+    if message.done() and not message.cancelled():
+        return message.result()
+    raise BodyTimeout(f"request body too slow: {fmt_bytes(upload.size)} arrived at "
+                      f"{fmt_bytes(upload.rate(asyncio.get_running_loop().time()))}/s while SIGLIP_MAX_UPLOADS "
+                      "uploads were arriving; the slowest gives way to a new request")
+
+
 class RequestGuard:
     """Budgets, per gateway worker: ``max_uploads`` requests still receiving their body (one whose body came
     with its first read needs none), ``max_concurrency`` requests with a complete body being served, and
@@ -152,7 +185,7 @@ class RequestGuard:
         self.max_uploads = max_uploads
         self.request_timeout_s = request_timeout_s
         self.in_flight = 0  # requests with their body, being served
-        self.uploads = 0  # requests waiting for more of their body
+        self.uploads: set[Upload] = set()  # requests waiting for more of their body
         self.inflight_body_bytes = 0  # bodies of requests being read or served
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -281,7 +314,7 @@ class RequestGuard:
         loop = asyncio.get_running_loop()
         start = loop.time()
         chunks, size = [], 0
-        uploading = False
+        upload: Upload | None = None
         try:
             while True:
                 now = loop.time()
@@ -289,7 +322,7 @@ class RequestGuard:
                             start + self.body_timeout_s + size / self.min_upload_rate)
                 try:
                     async with asyncio.timeout(until - now):
-                        message = await receive()
+                        message = await (receive() if upload is None else receive_unless_evicted(receive, upload))
                 except TimeoutError:
                     raise BodyTimeout(self._slow_body(size, loop.time() - start)) from None
                 if message["type"] == "http.disconnect":
@@ -305,18 +338,31 @@ class RequestGuard:
                 chunks.append(chunk)
                 if not message.get("more_body"):
                     return b"".join(chunks)
-                if not uploading:
-                    if self.uploads >= self.max_uploads:
-                        raise Overloaded(f"{self.uploads} request bodies are still arriving (SIGLIP_MAX_UPLOADS); "
-                                         "retry shortly")
-                    self.uploads += 1
-                    uploading = True
+                if upload is None:
+                    upload = self._take_upload_slot(start, loop.time())
+                upload.size = size
         except BaseException:
             self.inflight_body_bytes -= size
             raise
         finally:
-            if uploading:
-                self.uploads -= 1
+            if upload is not None:
+                self.uploads.discard(upload)
+
+    def _take_upload_slot(self, started: float, now: float) -> Upload:
+        """A slot for a body that needs more than one read. When all are taken, the slowest upload that has run
+        for EVICT_AFTER_S gives its slot up (it is answered 408): clients trickling bytes cannot hold the slots
+        against uploads that arrive at a normal rate. Only when every upload is younger is the newcomer refused."""
+        if len(self.uploads) >= self.max_uploads:
+            candidates = [u for u in self.uploads if now - u.started >= EVICT_AFTER_S]
+            if not candidates:
+                raise Overloaded(f"{len(self.uploads)} request bodies are still arriving (SIGLIP_MAX_UPLOADS); "
+                                 "retry shortly")
+            slowest = min(candidates, key=lambda u: u.rate(now))
+            slowest.evicted.set()
+            self.uploads.discard(slowest)
+        upload = Upload(started)
+        self.uploads.add(upload)
+        return upload
 
     def _slow_body(self, size: int, elapsed: float) -> str:
         return (f"request body too slow: {fmt_bytes(size)} in {elapsed:.1f} s (at most {self.body_timeout_s:g} s "

@@ -4,9 +4,10 @@ glibc keeps memory freed by large, short-lived buffers (decoded images, request 
 heaps: after glibc raises its dynamic mmap threshold (up to 32 MB) such buffers come from the heap, and freed
 holes below the top are never returned. A burst of four 36 MP images left the gateway at ~1 GB RSS while idle.
 ``malloc_trim(0)`` releases every free page of every arena (measured: 1,033 MB -> 42 MB after such a burst).
-A fixed, low mmap threshold would do it too, but makes every large tensor in the model service a fresh mmap
-(page faults on each forward pass), so the service trims when a server goes idle instead, and the gateway
-limits its arenas (both set up by ``siglip.connections``).
+A fixed, low mmap threshold does it too (4 MB: 1,033 -> 43 MB standalone), but would make every large tensor in
+the model service a fresh mmap (page faults on each forward pass). So every server trims when it goes idle, and
+the gateway alone, whose large buffers are short-lived image decodes and bodies, also limits its arenas and fixes
+the mmap threshold (both set up by ``siglip.connections``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
+M_ARENA_MAX = -8
+GATEWAY_MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
 def _load_glibc():
@@ -37,6 +40,14 @@ def limit_arenas(count: int = 2) -> bool:
     if _libc is None:
         return False
     return bool(_libc.mallopt(M_ARENA_MAX, count))
+
+
+def fix_mmap_threshold(size: int = GATEWAY_MMAP_THRESHOLD) -> bool:
+    """Allocations of ``size`` bytes or more get their own mapping, unmapped as soon as they are freed; setting it
+    also stops glibc from raising the threshold (to 32 MB) after the first large free. False without glibc."""
+    if _libc is None:
+        return False
+    return bool(_libc.mallopt(M_MMAP_THRESHOLD, size))
 
 
 def trim_heap() -> bool:

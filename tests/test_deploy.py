@@ -311,6 +311,10 @@ def test_resources_fit_the_variant(variant):
         assert not spec.get("tolerations") and not spec.get("nodeSelector")
         assert env["SIGLIP_DEVICE"] == "cpu"
         assert c["image"] != container(rendered("base"))["image"], "the CPU overlay must use the CPU image"
+        # Converting the OpenVINO towers costs minutes and ~6 GB: the cache must survive restarts.
+        mounts = [m["mountPath"] for m in c.get("volumeMounts", []) if m["mountPath"] != "/dev/shm"]
+        cache = env.get("SIGLIP_OPENVINO_CACHE_DIR", "")
+        assert any(cache.startswith(m.rstrip("/") + "/") for m in mounts), (cache, mounts)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

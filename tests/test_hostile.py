@@ -9,6 +9,7 @@ everyone else is served meanwhile. Everything goes to 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import io
 import resource
 import selectors
 import shutil
@@ -18,10 +19,12 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import orjson
 import psutil
 import pytest
 from conftest import Route, b64, encode, make_image
+from PIL import Image
 
 TOKEN = "hostile-token-1"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -86,10 +89,10 @@ class Trickle(threading.Thread):
     """A client that sends ``head`` and then one byte every ``interval_s`` until the server closes the
     connection; ``status`` and ``body`` are what it answered before."""
 
-    def __init__(self, svc, head: bytes, interval_s: float = 0.25, limit: int = 400):
+    def __init__(self, svc, head: bytes, interval_s: float = 0.25, limit: int = 400, chunk: bytes = b"a"):
         super().__init__(daemon=True)
         self.sock = connect(svc)
-        self.head, self.interval_s, self.limit = head, interval_s, limit
+        self.head, self.interval_s, self.limit, self.chunk = head, interval_s, limit, chunk
         self.status: int | None = None
         self.body = b""
         self.answered_after: float | None = None
@@ -111,7 +114,7 @@ class Trickle(threading.Thread):
                 if not chunk:  # every refusal closes the connection after its answer
                     break
             try:
-                self.sock.send(b"a")
+                self.sock.send(self.chunk)
             except OSError:
                 break
         self.answered_after = time.monotonic() - t0
@@ -155,14 +158,23 @@ def test_endless_header_is_cut_off_while_others_are_served(hostile):
     assert max(latencies) < 2, latencies
 
 
+def header_limit_refusals(svc) -> float:
+    line = 'siglip_errors_total{reason="header_limit",status="431"} '
+    text = httpx.get(svc.url + "/metrics", timeout=10).text
+    return sum(float(x[len(line):]) for x in text.splitlines() if x.startswith(line))
+
+
 def test_too_many_or_too_large_complete_headers_get_431(hostile):
+    before = header_limit_refusals(hostile)
     many = {f"x-h{i}": "1" for i in range(150)}
     r = httpx.post(hostile.url + "/", json=TEXT, headers={**AUTH, **many}, timeout=10)
     assert r.status_code == 431 and "SIGLIP_MAX_HEADERS" in r.json()["error"]
+    assert len(r.headers.get("x-request-id", "")) == 32  # refused before the app, still traceable
     big = {f"x-big{i}": "b" * 4000 for i in range(6)}  # 24 KB in six headers
     r = httpx.post(hostile.url + "/", json=TEXT, headers={**AUTH, **big}, timeout=10)
     assert r.status_code == 431 and "SIGLIP_MAX_HEADER_BYTES" in r.json()["error"]
     assert httpx.post(hostile.url + "/", json=TEXT, headers=AUTH, timeout=10).status_code == 200
+    assert header_limit_refusals(hostile) - before == 2  # counted, though no request reached the app
 
 
 def test_half_open_connections_are_closed_after_the_header_timeout(hostile):
@@ -258,6 +270,33 @@ def test_slow_uploaders_cannot_take_the_slots_of_ready_requests(hostile):
     assert "SIGLIP_MIN_UPLOAD_BYTES_PER_S" in error_of(next(u.body for u in uploaders if u.status == 408))
     assert "SIGLIP_MAX_UPLOADS" in error_of(next(u.body for u in uploaders if u.status == 429))
     assert max(latencies) < 2, latencies
+
+
+def test_slow_uploads_give_their_slots_to_a_normal_image_upload(hostile, reference):
+    """Found in review: any photo over ~64 KB arrives in several reads and needs an upload slot, so clients
+    trickling bytes (fast enough for SIGLIP_MIN_UPLOAD_BYTES_PER_S) held both slots and every real image upload
+    got 429 SIGLIP_MAX_UPLOADS. Now the slowest upload older than 1 s gives its slot to the newcomer (408)."""
+    rng = np.random.default_rng(5)
+    photo = encode(Image.fromarray(rng.integers(0, 256, (500, 600, 3), dtype=np.uint8)))
+    body = orjson.dumps({"inputs": b64(photo)})
+    assert len(body) > 1_000_000  # several reads: it needs an upload slot
+    # ~20 KB/s each: above the minimum rate, far below a real upload; 5 s of it at most
+    trickles = [Trickle(hostile, upload_head(length=3_000_000) + b'{"inputs": "', interval_s=0.05, limit=100,
+                        chunk=b"a" * 1024) for _ in range(2)]
+    for t in trickles:
+        t.start()
+    time.sleep(1.3)  # both hold their upload slot longer than the eviction grace (1 s); the rule under test
+    assert all(t.status is None for t in trickles), [(t.status, t.body[:100]) for t in trickles]
+    r = httpx.post(hostile.url + "/image_embedding", content=body, headers={**AUTH, "Content-Type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 200, r.text
+    expected = reference.image_embeds([Image.open(io.BytesIO(photo))])[0]
+    assert float(np.dot(r.json()[0]["embedding"], expected)) > 0.9999
+    for t in trickles:
+        t.join(timeout=20)
+    evicted = [t for t in trickles if t.status == 408]
+    assert len(evicted) == 1, [(t.status, t.body[:120]) for t in trickles]
+    assert "gives way" in error_of(evicted[0].body)
 
 
 def test_unauthenticated_slow_upload_is_refused_at_once(hostile):
@@ -405,6 +444,7 @@ def test_gateway_memory_returns_after_a_burst_of_large_images(capped):
     while gateway.memory_info().rss > 1.5 * idle and time.monotonic() < deadline:
         time.sleep(0.25)
     after = gateway.memory_info().rss
+    print(f"gateway RSS: idle {idle / 2**20:.0f} MB, peak {peak / 2**20:.0f} MB, after {after / 2**20:.0f} MB")
     assert after <= 1.5 * idle, (f"idle {idle / 2**20:.0f} MB, right after the burst {peak / 2**20:.0f} MB, "
                                  f"30 s later {after / 2**20:.0f} MB")
 

@@ -189,3 +189,22 @@ def test_docs_page_has_no_tag_manager_and_loads_only_local_assets(service):
         assert asset in page
         assert httpx.get(f"{service.url}/{asset}", timeout=10).status_code == 200, asset
     assert "https://" not in page and "http://" not in page
+
+
+def test_model_info_reaches_metrics_without_readiness_probes(start_service):
+    """Found in review: the info was recorded while the batchers trained, which only a /readyz poll starts, so a
+    plain `docker run` never said which backend or decode path ran."""
+    svc = start_service(ready=False)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and "Loaded " not in svc.log():
+        time.sleep(0.25)  # the model service logs this line when its model is loaded; /readyz is never asked
+    assert "Loaded " in svc.log(), svc.log()[-3000:]
+    info = []
+    while time.monotonic() < deadline and not info:
+        try:
+            info = [lab for (n, lab), v in scrape(svc).items() if n == "siglip_model_info" and v == 1]
+        except (httpx.HTTPError, AssertionError):
+            pass
+        if not info:
+            time.sleep(0.25)
+    assert info and dict(info[0])["backend"] in ("torch", "openvino"), info  # auto: openvino on bf16 CPUs
