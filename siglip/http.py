@@ -72,16 +72,9 @@ def check_body(body: bytes, path: str = "") -> None:
     """The body must be a JSON object with "inputs" (and "parameters", if any, an object); under /v1/ just a JSON
     object, whose fields ``siglip.openai_api`` checks."""
     if path.startswith(OPENAI_PREFIX):
-        return _check_openai_body(body)
-    if not body.strip():
-        raise BadRequest('request body is empty; send JSON like {"inputs": ..., "parameters": {...}}')
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    check_depth(data)
-    if not isinstance(data, dict):
-        raise BadRequest('request body must be a JSON object like {"inputs": ..., "parameters": {...}}')
+        json_object(body, '{"model": ..., "input": ...}')
+        return
+    data = json_object(body, '{"inputs": ..., "parameters": {...}}')
     if "inputs" not in data:
         raise BadRequest('"inputs" is required: send {"inputs": ..., "parameters": {...}}')
     params = data.get("parameters")
@@ -89,16 +82,18 @@ def check_body(body: bytes, path: str = "") -> None:
         raise BadRequest("parameters must be a JSON object")
 
 
-def _check_openai_body(body: bytes) -> None:
+def json_object(body: bytes, example: str) -> dict[str, Any]:
+    """The body parsed as a JSON object of bounded depth, or BadRequest saying what to send (``example``)."""
     if not body.strip():
-        raise BadRequest('request body is empty; send JSON like {"model": ..., "input": ...}')
+        raise BadRequest(f"request body is empty; send JSON like {example}")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     check_depth(data)
     if not isinstance(data, dict):
-        raise BadRequest('request body must be a JSON object like {"model": ..., "input": ...}')
+        raise BadRequest(f"request body must be a JSON object like {example}")
+    return data
 
 
 def check_depth(data: Any, limit: int = MAX_JSON_DEPTH) -> None:

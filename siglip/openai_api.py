@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from . import observe
 from .engine import Engine, ModelView, gather_or_cancel
 from .errors import BadRequest, ServiceError
-from .requests import ImageInput, Limits, _images, _texts
+from .requests import ImageInput, Limits, image_inputs, text_inputs
 
 OPENAI_PREFIX = "/v1/"
 LANGCHAIN_HINT = ("this server tokenizes text itself and takes strings, not token ids. LangChain's "
@@ -160,10 +160,10 @@ def parse_input(value: Any, modality: str | None, limits: Limits) -> EmbeddingIn
             text, url = _classify(where, item, modality)
             if url is not None:
                 order.append((True, len(images)))
-                images.extend(_images(url, where, limits)[0])
+                images.extend(image_inputs(url, where, limits)[0])
             else:
                 order.append((False, len(texts)))
-                texts.extend(_texts(text, where, limits))
+                texts.extend(text_inputs(text, where, limits))
     except InvalidRequest:
         raise
     except BadRequest as exc:

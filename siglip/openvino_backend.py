@@ -12,6 +12,7 @@ with torch's on a few inputs; below ``PARITY_MIN_COSINE`` the encoder keeps torc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -242,7 +243,23 @@ def load_towers(model: Any, model_id: str, cache_dir: Path, image_size: tuple[in
         config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[dtype]
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    compiled = {name: core.compile_model(core.read_model(entry / f"{name}.xml"), "CPU", config) for name in TOWERS}
+    try:
+        compiled = {name: core.compile_model(core.read_model(entry / f"{name}.xml"), "CPU", config)
+                    for name in TOWERS}
+    except Exception as exc:
+        if converted:
+            raise
+        # A damaged entry (a full disk, a copy cut short) would otherwise send every restart to torch for good.
+        logger.warning("cached OpenVINO entry %s could not be read (%s: %s); converting it again", entry,
+                       type(exc).__name__, exc)
+        aside = entry.with_name(f"{entry.name}.broken-{os.getpid()}")
+        with contextlib.suppress(OSError):  # another worker may have moved it aside already
+            entry.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        convert(model, image_size, text_length, entry)
+        converted = True
+        compiled = {name: core.compile_model(core.read_model(entry / f"{name}.xml"), "CPU", config)
+                    for name in TOWERS}
     hint = compiled["vision"].get_property("INFERENCE_PRECISION_HINT").to_string()
     precision = DTYPE_NAMES.get(hint, hint)
     return Towers(Tower(compiled["vision"], embed_dim), Tower(compiled["text"], embed_dim), precision,

@@ -101,12 +101,12 @@ def parse_request(inputs: Any, parameters: Any, endpoint_mode: str | None = None
     params = _validate_parameters(parameters)
 
     if mode == "image_embedding":
-        images, _ = _images(inputs, "inputs", limits)
+        images, _ = image_inputs(inputs, "inputs", limits)
         return ParsedRequest(mode, params, images=images)
     if mode == "text_embedding":
-        return ParsedRequest(mode, params, texts=_texts(inputs, "inputs", limits))
+        return ParsedRequest(mode, params, texts=text_inputs(inputs, "inputs", limits))
     if mode == "zero_shot":
-        images, batched = _images(inputs, "inputs", limits)
+        images, batched = image_inputs(inputs, "inputs", limits)
         labels = tuple(params.candidate_labels or ())
         texts = _apply_template(params.hypothesis_template, labels, limits)
         return ParsedRequest(mode, params, images=images, texts=texts, labels=labels, batched=batched)
@@ -119,8 +119,8 @@ def _similarity(inputs: Any, params: Parameters, limits: Limits) -> ParsedReques
                          f"not {_json_type(inputs)}")
     image_key = _one_of(inputs, "image", "images")
     text_key = _one_of(inputs, "text", "texts")
-    images, _ = _images(inputs[image_key], f"inputs.{image_key}", limits)
-    texts = _texts(inputs[text_key], f"inputs.{text_key}", limits)
+    images, _ = image_inputs(inputs[image_key], f"inputs.{image_key}", limits)
+    texts = text_inputs(inputs[text_key], f"inputs.{text_key}", limits)
     return ParsedRequest("similarity", params, images=images, texts=texts)
 
 
@@ -200,7 +200,9 @@ def _items(value: Any, name: str, kind: str, limit: int, setting: str) -> tuple[
     return items, batched
 
 
-def _images(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInput, ...], bool]:
+def image_inputs(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInput, ...], bool]:
+    """``value`` (a string or a list of them) as images named for error messages from ``name``; and whether it
+    was a list. The one place image inputs are checked (siglip.openai_api uses it too)."""
     items, batched = _items(value, name, "image", limits.max_images, "SIGLIP_MAX_IMAGES_PER_REQUEST")
     for where, v in items:
         if not v.strip():
@@ -208,7 +210,7 @@ def _images(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInput, ..
     return tuple(ImageInput(where, v) for where, v in items), batched
 
 
-def _texts(value: Any, name: str, limits: Limits) -> tuple[str, ...]:
+def text_inputs(value: Any, name: str, limits: Limits) -> tuple[str, ...]:
     items, _ = _items(value, name, "text", limits.max_texts, "SIGLIP_MAX_TEXTS_PER_REQUEST")
     for where, v in items:
         if len(v) > limits.max_text_chars:

@@ -320,6 +320,10 @@ def test_exported_bento_serves_offline_and_drains_on_sigterm(extracted, fresh_ve
     assert result["metrics"]["status"] == 200
     assert 'bentoml_service_request_total{' in result["metrics"]["text"]
     assert 'endpoint="/zero_shot"' in result["metrics"]["text"]
+    # the service's own series, from the extracted copy: requests by mode, and what runs
+    assert 'siglip_requests_total{mode="zero_shot",route="/zero_shot",status="200"}' in result["metrics"]["text"]
+    assert 'siglip_model_info{backend="' in result["metrics"]["text"]
+    assert 'jpeg_decode="gateway"' in result["metrics"]["text"]
 
     # SIGTERM to the main process with 8 requests inside the service: each is answered, then a clean exit.
     assert result["inflight_started"] == 8

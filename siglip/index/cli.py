@@ -32,8 +32,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", default="images", help="table name (default: images)")
     parser.add_argument("--server", default="http://localhost:3000", metavar="URL",
                         help="the SigLIP service (default: http://localhost:3000)")
-    parser.add_argument("--token", default=os.environ.get("SIGLIP_TOKEN"),
-                        help="bearer token when the service has auth on (default: $SIGLIP_TOKEN)")
+    parser.add_argument("--token", default=os.environ.get("SIGLIP_API_TOKEN"),
+                        help="bearer token when the service has auth on (default: $SIGLIP_API_TOKEN, the "
+                             "variable the service reads it from)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="seconds per request (default: 120)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -4,7 +4,6 @@
 const $ = (id) => document.getElementById(id);
 // Relative to the page (/playground), so the API is found under the same path prefix as the page.
 const api = (path) => new URL(path, document.baseURI).href;
-const TOKEN_KEY = "siglip-playground-token";
 const SHOWN_BODY_CHARS = 2000;  // longer bodies (base64 images) are shortened on screen, never in what is copied
 const FIRST_VALUES = 8;
 
@@ -399,8 +398,7 @@ function onSubmit(id, action) {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("token").value = sessionStorage.getItem(TOKEN_KEY) || "";
-  $("token").addEventListener("input", () => sessionStorage.setItem(TOKEN_KEY, $("token").value));
+  // The token lives in its input field only: never stored, gone when the page is closed or reloaded.
   $("token-form").addEventListener("submit", (event) => event.preventDefault());
 
   $("file").addEventListener("change", async (event) => {
