@@ -29,7 +29,6 @@ import functools
 import logging
 import resource
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +99,7 @@ def error_bytes(status: int, message: str) -> bytes:
         logger.debug("could not count a %d refusal", status, exc_info=True)
     return b"".join([STATUS_LINE[status], b"content-type: application/json\r\n",
                      b"content-length: ", str(len(body)).encode(), b"\r\n", b"connection: close\r\n",
-                     b"x-request-id: ", uuid.uuid4().hex.encode(), b"\r\n", b"\r\n", body])
+                     b"x-request-id: ", observe.new_request_id().encode(), b"\r\n", b"\r\n", body])
 
 
 class _Throttled:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .images import tiny_jpeg
-from .text import TEXT_MAX_LENGTH, normalize_text, tokenize
+from .text import TEXT_MAX_LENGTH, token_counts, tokenize
 
 logger = logging.getLogger("siglip.encoder")
 RESIZE_CHUNK_BYTES = 256 * 1024 * 1024  # float32 pixels resized in one call on the model's device
@@ -335,10 +335,8 @@ class SiglipEncoder:
             return self._embed_text(ids).cpu().numpy()
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens of each text the text tower reads: lowercased, truncated at 64 with EOS kept; padding not counted."""
-        ids = self._tokenizer([normalize_text(t) for t in texts], truncation=True, max_length=TEXT_MAX_LENGTH,
-                              return_attention_mask=False)["input_ids"]
-        return [len(row) for row in ids]
+        """Tokens of each text the text tower reads (``siglip.text.token_counts``)."""
+        return token_counts(self._tokenizer, texts)
 
 
 def apply_orientation(img: Any, orientation: int) -> Any:

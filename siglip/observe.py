@@ -88,11 +88,15 @@ def note_fetch_failure(kind: str) -> None:
         record.fetch_failures += (kind,)
 
 
-def request_id(headers: Mapping[bytes, bytes] | list[tuple[bytes, bytes]]) -> str:
+def request_id(headers: list[tuple[bytes, bytes]]) -> str:
     """The client's X-Request-ID when it is a sane token (so a trace crosses services), else a fresh one."""
-    for key, value in headers.items() if isinstance(headers, Mapping) else headers:
+    for key, value in headers:
         if key == REQUEST_ID_HEADER and _CLIENT_ID.fullmatch(value):
             return value.decode()
+    return new_request_id()
+
+
+def new_request_id() -> str:
     return uuid.uuid4().hex
 
 

@@ -31,3 +31,11 @@ def tokenize(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
         return_tensors="np",
     )
     return np.asarray(encoded["input_ids"], dtype=np.int64)
+
+
+def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Tokens of each text the text tower reads: the same lowercasing and 64-token truncation (EOS kept) as
+    ``tokenize``, without the padding."""
+    encoded = tokenizer([normalize_text(t) for t in texts], truncation=True, max_length=TEXT_MAX_LENGTH,
+                        return_attention_mask=False)
+    return [len(row) for row in encoded["input_ids"]]
