@@ -40,7 +40,8 @@ def _unavailable(why: str) -> None:
 
 
 try:
-    from playwright.sync_api import Page, expect, sync_playwright
+    from playwright.sync_api import FileChooser, Page, expect, sync_playwright
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 except ImportError:  # pragma: no cover - depends on the environment
     sync_playwright = None
 
@@ -107,6 +108,37 @@ def open_page(playwright_driver, tmp_path) -> Iterator:
     yield open_
     for context in contexts:
         context.close()
+
+
+def press_for_file_chooser(b: Browser, key: str) -> FileChooser:
+    """Press `key` on the focused file input; the file chooser it opens.
+
+    Playwright turns file-chooser interception on asynchronously once a listener subscribes, so a press that lands
+    first opens headless Chromium's own chooser, which cancels at once, and the event never comes (seen once in CI).
+    That the key activates the input is checked through the input's click event, every time; only a chooser lost to
+    that race is asked for again, with the listener already in place.
+    """
+    b.page.evaluate("""() => { window.fileClicks = 0;
+        document.getElementById("file").addEventListener("click", () => { window.fileClicks += 1; }); }""")
+    choosers: list[FileChooser] = []
+
+    def keep(chooser: FileChooser) -> None:
+        choosers.append(chooser)
+
+    b.page.on("filechooser", keep)
+    try:
+        for attempt in range(3):
+            b.page.keyboard.press(key)
+            b.page.wait_for_function("n => window.fileClicks > n", arg=attempt)
+            if choosers:
+                return choosers[0]
+            try:
+                return b.page.wait_for_event("filechooser", timeout=10_000)
+            except PlaywrightTimeoutError:
+                continue
+    finally:
+        b.page.remove_listener("filechooser", keep)
+    raise AssertionError(f"{key} on #file clicked it {attempt + 1} times but no file chooser opened")
 
 
 def add_files(b: Browser, files: list[tuple[str, bytes, str]]) -> None:
@@ -328,9 +360,8 @@ def test_embeddings_show_norm_and_first_values(service, open_page, tmp_path):
             break
         b.page.keyboard.press("Shift+Tab")
     assert b.page.evaluate("() => document.activeElement.id") == "file"
-    with b.page.expect_file_chooser() as chooser:
-        b.page.keyboard.press("Space")
-    chooser.value.set_files(files=[{"name": "nine.png", "mimeType": "image/png", "buffer": png}])
+    chooser = press_for_file_chooser(b, "Space")
+    chooser.set_files(files=[{"name": "nine.png", "mimeType": "image/png", "buffer": png}])
     expect(b.page.locator("#images li")).to_have_count(1)
     assert b.submit("#image-embedding") == "done"
     assert b.last_post() == ("/image_embedding", {"inputs": [data_uri(png)]})
