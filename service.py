@@ -1,6 +1,6 @@
 """BentoML services: SiglipGateway (HTTP API, async, CPU) -> SiglipModel (one worker per GPU, batched encoders).
 
-The gateway parses requests, fetches and decodes images and scores results (``siglip.engine``); it never imports
+The gateway parses requests, fetches and decodes images and scores results (``siglip.api.engine``); it never imports
 torch. The model service owns the checkpoint and exposes adaptive-batching ``encode_images`` (uint8 pixels) and
 ``encode_texts`` APIs. Both are configured by ``SIGLIP_*`` environment variables (``siglip.settings``).
 """
@@ -25,17 +25,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from siglip import observe, playground
+from siglip.api.engine import Engine
+from siglip.api.errors import NotReady, Overloaded
+from siglip.api.fetch import Fetcher, FetchPolicy
+from siglip.api.images import tiny_jpeg
+from siglip.api.openai_api import OpenAIEmbeddings
 from siglip.bento import image as bento_image
-from siglip.connections import ConnectionLimits, install_connection_limits
-from siglip.docs_page import DocsPage
-from siglip.drain import hold_sigterm_until_callers_exit
-from siglip.engine import Engine
-from siglip.errors import NotReady, Overloaded
-from siglip.fetch import Fetcher, FetchPolicy
-from siglip.http import RequestGuard, answer
-from siglip.images import tiny_jpeg
-from siglip.openai_api import OpenAIEmbeddings
+from siglip.server import observe, playground
+from siglip.server.connections import ConnectionLimits, install_connection_limits
+from siglip.server.docs_page import DocsPage
+from siglip.server.drain import hold_sigterm_until_callers_exit
+from siglip.server.http import RequestGuard, answer
 from siglip.settings import get_settings
 
 # BentoML's logging setup leaves the root logger at WARNING: give our own loggers a level so the
@@ -71,7 +71,7 @@ image = bento_image(settings)
 )
 class SiglipModel:
     def __init__(self) -> None:
-        from siglip.encoder import SiglipEncoder
+        from siglip.model.encoder import SiglipEncoder
 
         logging.getLogger("siglip").disabled = False
         worker = bentoml.server_context.worker_index or 1
@@ -154,7 +154,7 @@ class SiglipModel:
 
 
 class BentoModelClient:
-    """``siglip.engine.ModelClient`` over a BentoML dependency, retrying the idempotent calls on broken
+    """``siglip.api.engine.ModelClient`` over a BentoML dependency, retrying the idempotent calls on broken
     connections and mapping the batcher's 503 to an overload answer."""
 
     RETRIES = 2
@@ -213,7 +213,7 @@ async def _v1_models(request: Request) -> Response:
     return await answer(lambda: bentoml.get_current_service().openai.models(name), request.url.path)
 
 
-# OpenAI's embeddings API (siglip.openai_api), as its own app: BentoML APIs are POST-only and shape their errors.
+# OpenAI's embeddings API (siglip.api.openai_api), as its own app: BentoML APIs are POST-only and shape their errors.
 openai_app = Starlette(routes=[Route("/embeddings", _v1_embeddings, methods=["POST"]),
                                Route("/models", _v1_models, methods=["GET"]),
                                Route("/models/{name:path}", _v1_models, methods=["GET"])])
@@ -225,7 +225,7 @@ openai_app = Starlette(routes=[Route("/embeddings", _v1_embeddings, methods=["PO
     name="SiglipGateway",
     image=image,
     workers=settings.gateway_workers,
-    # siglip.observe writes one structured line per request (with mode, counts and request id) instead.
+    # siglip.server.observe writes one structured line per request (with mode, counts and request id) instead.
     logging={"access": {"enabled": False}},
     traffic={"timeout": settings.request_timeout_s + 10, "concurrency": settings.target_concurrency},
 )

@@ -39,7 +39,7 @@ if [[ " $BACKENDS " == *" openvino "* ]]; then
 import logging, os, sys, time
 sys.path.insert(0, ".")
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-from siglip.encoder import SiglipEncoder
+from siglip.model.encoder import SiglipEncoder
 t0 = time.perf_counter()
 enc = SiglipEncoder(os.environ["CKPT"], device="cpu", backend="openvino",
                     openvino_cache_dir=os.environ["SIGLIP_OPENVINO_CACHE_DIR"], warmup_batch_sizes=())

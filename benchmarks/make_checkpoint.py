@@ -1,4 +1,4 @@
-"""Build a random-weight SigLIP checkpoint for benchmarks (thin CLI over ``siglip.checkpoint.build_checkpoint``).
+"""Build a random-weight SigLIP checkpoint for benchmarks (thin CLI over ``siglip.model.checkpoint.build_checkpoint``).
 
 ``--size full`` has the exact google/siglip2-base-patch16-512 architecture (375.8 M parameters, 512x512 images,
 768-dim embeddings; about 1.5 GB fp32); latency does not depend on weight values. ``--size tiny`` (64x64 images,
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from siglip.checkpoint import build_checkpoint
+    from siglip.model.checkpoint import build_checkpoint
 
     log(f"building a random {args.size} SigLIP checkpoint in {args.path} ...")
     t0 = time.perf_counter()

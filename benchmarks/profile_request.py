@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from siglip.encoder import SiglipEncoder
-    from siglip.images import ImageSpec, JpegPayload, decode_image_string, load_pixels, prepare_image
+    from siglip.api.images import ImageSpec, JpegPayload, decode_image_string, load_pixels, prepare_image
+    from siglip.model.encoder import SiglipEncoder
 
     log(f"loading {args.model} ...")
     enc = SiglipEncoder(args.model, device=args.device, dtype=args.dtype, device_decode="auto",

@@ -36,7 +36,7 @@ class Settings:
     cuda_graphs: bool = False  # replay the vision tower from CUDA graphs captured per batch bucket (CUDA only)
     text_cache_size: int = 4096  # text embeddings kept per gateway worker (LRU); 0 disables
     device_decode: str = "auto"  # auto: JPEGs decoded by nvJPEG on the model's GPU when it can; on | off
-    backend: str = "auto"  # auto: OpenVINO on CPU when installed and its start-up parity check passes; torch | openvino
+    backend: str = "auto"  # auto: OpenVINO on CPUs with AVX512-BF16 or AMX (if installed and its parity check passes), else torch
     openvino_cache_dir: str = ""  # converted OpenVINO models; empty: ~/.cache/siglip2-serve/openvino (XDG_CACHE_HOME)
     openvino_threads: int = 0  # OpenVINO inference threads; 0: its default (the cores it may run on)
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from siglip.checkpoint import build_checkpoint
+    from siglip.model.checkpoint import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-siglip", size="tiny")
 

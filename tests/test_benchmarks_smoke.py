@@ -76,8 +76,8 @@ def test_benchmark_scripts_run_and_write_json(service, tiny_checkpoint, tmp_path
 def test_summarize_profile_reads_py_spy_folded_stacks(tmp_path: Path):
     folded = tmp_path / "profile.txt"
     folded.write_text(
-        "MainThread (runpy.py:1);run (asyncio/runners.py:118);handle (siglip/http.py:10) 3\n"
-        "MainThread (runpy.py:1);run (asyncio/runners.py:118);encode (siglip/encoder.py:20) 1\n"
+        "MainThread (runpy.py:1);run (asyncio/runners.py:118);handle (siglip/server/http.py:10) 3\n"
+        "MainThread (runpy.py:1);run (asyncio/runners.py:118);encode (siglip/model/encoder.py:20) 1\n"
         "Worker (threading.py:1);forward (torch/nn/modules/linear.py:125) 6\n"
         "malformed line without a count\n")
     proc = run("summarize_profile", str(folded), "--top", "5")

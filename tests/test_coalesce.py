@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from siglip.coalesce import Coalescer
+from siglip.api.coalesce import Coalescer
 
 
 class Recorder:

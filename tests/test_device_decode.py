@@ -59,8 +59,8 @@ def test_undecodable_jpeg_fails_only_its_request(forwarding):
 def test_one_call_with_mixed_sizes_orientations_and_a_bad_file(tiny_checkpoint, reference, monkeypatch,
                                                                chunk_bytes):
     """Images of the same decoded size are resized together: every row must still be its own image, in order."""
-    from siglip import encoder as encoder_module
-    from siglip.encoder import SiglipEncoder
+    from siglip.model import encoder as encoder_module
+    from siglip.model.encoder import SiglipEncoder
 
     if chunk_bytes:
         monkeypatch.setattr(encoder_module, "RESIZE_CHUNK_BYTES", chunk_bytes)

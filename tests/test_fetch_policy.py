@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from siglip.fetch import FetchPolicy, check_url, host_allowed, is_public_address
+from siglip.api.fetch import FetchPolicy, check_url, host_allowed, is_public_address
 from siglip.settings import Settings
 
 NOT_PUBLIC = {

@@ -1,4 +1,4 @@
-"""CUDA-graph batch buckets (``siglip.graphs``): the plan that maps a batch onto captured sizes, and the encoder's
+"""CUDA-graph batch buckets (``siglip.model.graphs``): the plan that maps a batch onto captured sizes, and the encoder's
 fallback to eager where graphs cannot run. Capture and replay themselves need a GPU: the service checks every
 capture against the eager forward at start-up (``graph_or_none``) and runs eager when they differ."""
 
@@ -12,7 +12,7 @@ from conftest import encode, make_image
 from hypothesis import given
 from hypothesis import strategies as st
 
-from siglip.graphs import bucket_sizes, graph_or_none, plan_batches, run_in_buckets
+from siglip.model.graphs import bucket_sizes, graph_or_none, plan_batches, run_in_buckets
 from siglip.settings import Settings
 
 
@@ -75,7 +75,7 @@ def test_capture_failure_falls_back_to_eager(caplog):
     """Here capture fails for real (no CUDA): the caller gets None, i.e. eager, and the reason is logged."""
     import torch
 
-    with caplog.at_level(logging.WARNING, logger="siglip.graphs"):
+    with caplog.at_level(logging.WARNING, logger="siglip.model.graphs"):
         graphed = graph_or_none(torch, lambda x: x * 2, lambda b: torch.zeros(b, 4), bucket_sizes(8), "cpu")
     assert graphed is None
     assert "CUDA graph capture failed" in caplog.text and "runs eager" in caplog.text
@@ -90,11 +90,11 @@ def test_cuda_graphs_setting():
 
 
 def test_graphs_requested_on_cpu_run_eager_with_a_warning(tiny_checkpoint, reference, caplog):
-    from siglip.encoder import SiglipEncoder
-    from siglip.images import ImageSpec, load_pixels
+    from siglip.api.images import ImageSpec, load_pixels
+    from siglip.model.encoder import SiglipEncoder
 
     enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", cuda_graphs=True)
-    with caplog.at_level(logging.WARNING, logger="siglip.encoder"):
+    with caplog.at_level(logging.WARNING, logger="siglip.model.encoder"):
         enc.load()
     assert enc.error is None and enc.info.cuda_graphs is None
     assert "SIGLIP_CUDA_GRAPHS=1 needs a CUDA device" in caplog.text

@@ -451,7 +451,7 @@ def test_gateway_memory_returns_after_a_burst_of_large_images(capped):
 
 # -- settings -----------------------------------------------------------------------------------------------------
 def test_connection_cap_stays_under_the_fd_limit():
-    from siglip.connections import connection_cap
+    from siglip.server.connections import connection_cap
 
     assert connection_cap(10_000, fd_limit=20_000) == 10_000
     assert connection_cap(10_000, fd_limit=1024) == 1024 - 128  # an eighth kept for sockets to the model, files

@@ -1,4 +1,4 @@
-"""``siglip.images``: base64/data-URI decoding, header checks before decoding, supported formats."""
+"""``siglip.api.images``: base64/data-URI decoding, header checks before decoding, supported formats."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from conftest import b64, encode, make_image
 from PIL import Image
 
-from siglip.errors import BadRequest
-from siglip.images import (
+from siglip.api.errors import BadRequest
+from siglip.api.images import (
     ImageSpec,
     decode_image_string,
     is_http_url,

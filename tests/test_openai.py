@@ -304,8 +304,8 @@ def test_busy_is_429_in_openai_shape(guarded, model_id, image_server):
 # translation (pure): limits count texts and images separately, items are named
 # ---------------------------------------------------------------------------------------------------------------
 def test_parse_input_limits_and_names():
-    from siglip.openai_api import InvalidRequest, parse_input
-    from siglip.requests import Limits
+    from siglip.api.openai_api import InvalidRequest, parse_input
+    from siglip.api.requests import Limits
 
     limits = Limits(max_images=2, max_texts=3, max_text_chars=10)
     image = {"type": "image_url", "image_url": {"url": "http://127.0.0.1/a.png"}}

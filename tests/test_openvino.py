@@ -1,4 +1,4 @@
-"""The OpenVINO backend (``siglip.openvino_backend``): which backend runs, the on-disk cache of converted towers
+"""The OpenVINO backend (``siglip.model.openvino_backend``): which backend runs, the on-disk cache of converted towers
 (keyed by checkpoint and versions, written atomically), the start-up parity check and its fallback to torch,
 dynamic batch sizes and concurrent calls, and a real service on OpenVINO. The embedding parity tests of
 ``test_preprocessing.py`` run against both backends."""
@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, b64, encode, make_image
 from PIL import Image
 
-from siglip import openvino_backend as ovb
+from siglip.model import openvino_backend as ovb
 from siglip.settings import Settings
 
 pytest.importorskip("openvino")
@@ -28,7 +28,7 @@ TEXTS = ["a photo of a cat", "glossy white porcelain tile", "Rustic OAK wood flo
 
 
 def load_encoder(path, cache_dir, backend="openvino", dtype="float32"):
-    from siglip.encoder import SiglipEncoder
+    from siglip.model.encoder import SiglipEncoder
 
     enc = SiglipEncoder(str(path), device="cpu", dtype=dtype, backend=backend, openvino_cache_dir=str(cache_dir))
     enc.load()
@@ -57,7 +57,7 @@ def ov_encoder(tiny_checkpoint, cache_dir):
 @pytest.fixture(scope="module")
 def other_checkpoint(tmp_path_factory) -> Path:
     """Same architecture and files as the tiny checkpoint, other weights."""
-    from siglip.checkpoint import build_checkpoint
+    from siglip.model.checkpoint import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("ckpt-other") / "tiny-siglip", size="tiny", seed=1)
 
@@ -146,7 +146,7 @@ def test_concurrent_calls_from_many_threads(ov_encoder):
 
 def test_forwarded_jpegs_on_openvino(tiny_checkpoint, cache_dir, reference):
     """SIGLIP_DEVICE_DECODE=on on CPU: decoded and resized in the model service, embedded by OpenVINO."""
-    from siglip.encoder import SiglipEncoder
+    from siglip.model.encoder import SiglipEncoder
 
     enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", backend="openvino",
                         openvino_cache_dir=str(cache_dir), device_decode="on")
@@ -241,7 +241,7 @@ def test_writing_an_entry_that_exists_keeps_it(tiny_checkpoint, tmp_path):
 CONVERT_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from siglip.encoder import SiglipEncoder
+from siglip.model.encoder import SiglipEncoder
 enc = SiglipEncoder({ckpt!r}, device="cpu", dtype="float32", backend="openvino", openvino_cache_dir={cache!r})
 enc.load()
 assert enc.error is None, enc.error
@@ -361,7 +361,7 @@ def test_service_with_backend_torch(start_service, tmp_path):
 
 
 def test_thread_count_is_passed_to_openvino(tiny_checkpoint, cache_dir, caplog):
-    from siglip.encoder import SiglipEncoder
+    from siglip.model.encoder import SiglipEncoder
 
     enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", backend="openvino",
                         openvino_cache_dir=str(cache_dir), openvino_threads=1)

@@ -23,8 +23,8 @@ import pytest
 from conftest import ROOT, Route, b64, encode, make_image
 from PIL import Image, ImageDraw
 
-from siglip import playground
-from siglip.http import OPEN_PATHS
+from siglip.server import playground
+from siglip.server.http import OPEN_PATHS
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium's own connections are refused by the closed network.
@@ -202,7 +202,7 @@ def assert_close(a, b, tol: float = 1e-6) -> None:
 # serving
 # -----------------------------------------------------------------------------------------------------------
 def test_every_page_path_is_open_and_shipped():
-    """The guard lets the static files through without a token, and each one exists in siglip/static."""
+    """The guard lets the static files through without a token, and each one exists in siglip/server/static."""
     assert playground.PATHS <= OPEN_PATHS
     for filename, _ in playground.FILES.values():
         assert (playground.STATIC / filename).is_file()

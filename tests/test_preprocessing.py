@@ -1,6 +1,6 @@
 """Each preprocessing pitfall of google/siglip2-base-patch16-512 (shared notes), pinned against direct
-transformers calls on the tiny checkpoint: the service's own code paths (``siglip.text``, ``siglip.images``,
-``siglip.scoring``, ``SiglipEncoder``) must agree with the reference, and must measurably disagree with the
+transformers calls on the tiny checkpoint: the service's own code paths (``siglip.model.text``, ``siglip.api.images``,
+``siglip.api.scoring``, ``SiglipEncoder``) must agree with the reference, and must measurably disagree with the
 tempting mistake."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pytest
 from conftest import b64, encode, make_image
 from PIL import Image, ImageOps
 
-from siglip import scoring
-from siglip.images import ImageSpec, load_pixels
-from siglip.requests import parse_request
-from siglip.schemas import DEFAULT_TEMPLATE
-from siglip.text import TEXT_MAX_LENGTH, tokenize
+from siglip.api import scoring
+from siglip.api.images import ImageSpec, load_pixels
+from siglip.api.requests import parse_request
+from siglip.api.schemas import DEFAULT_TEMPLATE
+from siglip.model.text import TEXT_MAX_LENGTH, tokenize
 
 BIG = 10**9  # max_pixels that never refuses
 LONG_TEXT = "a photo of a cat on a white ceramic floor tile near the wooden door " * 20
@@ -27,7 +27,7 @@ TEXTS = ["a photo of a cat", "glossy white porcelain tile", "Rustic OAK wood flo
 # fixtures and helpers
 # ---------------------------------------------------------------------------------------------------------------
 def _loaded_encoder(path, dtype: str, backend: str = "torch", cache_dir: str = ""):
-    from siglip.encoder import SiglipEncoder
+    from siglip.model.encoder import SiglipEncoder
 
     enc = SiglipEncoder(str(path), device="cpu", dtype=dtype, backend=backend, openvino_cache_dir=cache_dir)
     enc.load()

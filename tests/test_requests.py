@@ -1,4 +1,4 @@
-"""``siglip.requests``: the spec's auto-detection table, explicit modes, error texts and limits (pure, no model)."""
+"""``siglip.api.requests``: the spec's auto-detection table, explicit modes, error texts and limits (pure, no model)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from conftest import b64, encode, make_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from siglip.errors import BadRequest
-from siglip.requests import MISSING_LABELS, Limits, ParsedRequest, detect_mode, parse_request
-from siglip.schemas import DEFAULT_TEMPLATE, MODES
+from siglip.api.errors import BadRequest
+from siglip.api.requests import MISSING_LABELS, Limits, ParsedRequest, detect_mode, parse_request
+from siglip.api.schemas import DEFAULT_TEMPLATE, MODES
 
 PNG_B64 = b64(encode(make_image(1, size=(16, 16))))
 PNG_DATA_URI = "data:image/png;base64," + PNG_B64

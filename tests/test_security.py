@@ -21,8 +21,8 @@ from conftest import ROOT, Route, b64, encode, make_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from siglip.errors import FetchError
-from siglip.fetch import BlockedAddress, Fetcher, FetchPolicy, GuardedBackend
+from siglip.api.errors import FetchError
+from siglip.api.fetch import BlockedAddress, Fetcher, FetchPolicy, GuardedBackend
 
 TOKENS = ("tok-alpha-123", "tok-beta-456")
 AUTH = {"Authorization": f"Bearer {TOKENS[0]}"}
@@ -81,7 +81,7 @@ def test_loopback_forms_are_refused_without_reaching_the_server(secure, image_se
 def test_redirect_hop_to_a_private_address_is_refused(image_server, monkeypatch):
     # No public server exists here, so treat the image server's own address as "public" for the first hop and
     # check that the second hop (127.0.0.2, private) is refused by the same guard before any connection.
-    from siglip import fetch
+    from siglip.api import fetch
 
     monkeypatch.setattr(fetch, "is_public_address", lambda address: address == "127.0.0.1")
     target = image_server.add("/redirect-target.png", encode(make_image(2)))

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from siglip.textcache import TextEmbeddingCache
+from siglip.api.textcache import TextEmbeddingCache
 
 
 class FakeCompute:

@@ -91,7 +91,7 @@ podman image inspect "$APP" --format 'image size: {{.Size}} bytes'
 
 step "tiny checkpoint, podman run --network none"
 CKPT=$WORK/tiny-siglip
-[ -f "$CKPT/config.json" ] || "$PY" -m siglip.checkpoint "$CKPT" > /dev/null
+[ -f "$CKPT/config.json" ] || "$PY" -m siglip.model.checkpoint "$CKPT" > /dev/null
 chmod -R a+rX "$CKPT"  # the image runs as uid 1034
 podman rm -f "$NAME" >/dev/null 2>&1 || true
 podman run -d --name "$NAME" --network none -v "$CKPT:/models/tiny:ro" \

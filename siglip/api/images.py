@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import BadRequest
-from .settings import fmt_bytes
+from siglip.api.errors import BadRequest
+from siglip.settings import fmt_bytes
 
 # Formats the API promises (MPO is how PIL names multi-picture JPEGs from phones).
 SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP"})

@@ -7,7 +7,7 @@ holes below the top are never returned. A burst of four 36 MP images left the ga
 A fixed, low mmap threshold does it too (4 MB: 1,033 -> 43 MB standalone), but would make every large tensor in
 the model service a fresh mmap (page faults on each forward pass). So every server trims when it goes idle, and
 the gateway alone, whose large buffers are short-lived image decodes and bodies, also limits its arenas and fixes
-the mmap threshold (both set up by ``siglip.connections``).
+the mmap threshold (both set up by ``siglip.server.connections``).
 """
 
 from __future__ import annotations

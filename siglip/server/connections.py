@@ -37,11 +37,11 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from . import observe
-from .memory import fix_mmap_threshold, limit_arenas, trim_heap
-from .settings import Settings, fmt_bytes
+from siglip.server import observe
+from siglip.server.memory import fix_mmap_threshold, limit_arenas, trim_heap
+from siglip.settings import Settings, fmt_bytes
 
-logger = logging.getLogger("siglip.connections")
+logger = logging.getLogger("siglip.server.connections")
 
 # File descriptors kept free below the process limit for everything that is not a client connection (model
 # service sockets, URL fetches, files).
@@ -91,7 +91,7 @@ REFUSAL_REASONS = {400: "malformed_http", 408: "header_timeout", 431: "header_li
 
 def error_bytes(status: int, message: str) -> bytes:
     """A complete HTTP/1.1 response with the service's {"error": ...} body, closing the connection. It is counted
-    in siglip_errors_total and carries an X-Request-ID like every other answer (siglip.observe never sees it)."""
+    in siglip_errors_total and carries an X-Request-ID like every other answer (siglip.server.observe never sees it)."""
     body = orjson.dumps({"error": message})
     try:
         observe.metrics().errors.labels(status=str(status), reason=REFUSAL_REASONS.get(status, "other")).inc()
@@ -145,7 +145,7 @@ class _LingeringTransport:
 
 class IdleTrim:
     """Calls ``trim_heap`` once a server has had no request running for ``delay_s`` after some activity, so memory
-    freed after a burst is returned (see ``siglip.memory``) without costing anything while requests run."""
+    freed after a burst is returned (see ``siglip.server.memory``) without costing anything while requests run."""
 
     def __init__(self, delay_s: float):
         self.delay_s = delay_s
@@ -395,7 +395,7 @@ def install_connection_limits(limits: ConnectionLimits) -> None:
         # h11 (if someone selects it) has its own header-size bound
         self.h11_max_incomplete_event_size = limits.max_header_bytes
         if bentoml.server_context.service_type == "entry_service":
-            # The gateway holds clients' bodies and decodes their images in threads (see siglip.memory).
+            # The gateway holds clients' bodies and decodes their images in threads (see siglip.server.memory).
             limit_arenas(2)
             fix_mmap_threshold()
 

@@ -1,7 +1,7 @@
 """OpenAI's embeddings API (``POST /v1/embeddings``, ``GET /v1/models``) on top of the engine.
 
 A request is translated into the engine's inputs (texts and ``ImageInput``s, checked by the same
-``siglip.requests`` rules and loaded by the same ``Engine`` path as every other route), and the answer is built
+``siglip.api.requests`` rules and loaded by the same ``Engine`` path as every other route), and the answer is built
 in OpenAI's shape, so the openai SDK, LangChain's ``OpenAIEmbeddings`` and LlamaIndex's
 ``OpenAILikeEmbedding`` work unchanged:
 
@@ -31,10 +31,10 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from . import observe
-from .engine import Engine, ModelView, gather_or_cancel
-from .errors import BadRequest, ServiceError
-from .requests import ImageInput, Limits, image_inputs, text_inputs
+from siglip.api.engine import Engine, ModelView, gather_or_cancel
+from siglip.api.errors import BadRequest, ServiceError
+from siglip.api.requests import ImageInput, Limits, image_inputs, json_type, text_inputs
+from siglip.server import observe
 
 OPENAI_PREFIX = "/v1/"
 LANGCHAIN_HINT = ("this server tokenizes text itself and takes strings, not token ids. LangChain's "
@@ -150,7 +150,7 @@ def parse_input(value: Any, modality: str | None, limits: Limits) -> EmbeddingIn
                                  "SIGLIP_MAX_TEXTS_PER_REQUEST)", param="input")
         items = [(f"input[{i}]", v) for i, v in enumerate(value)]
     else:
-        raise InvalidRequest(f"input must be a string or a list, not {_json_type(value)}", param="input")
+        raise InvalidRequest(f"input must be a string or a list, not {json_type(value)}", param="input")
 
     texts: list[str] = []
     images: list[ImageInput] = []
@@ -184,7 +184,7 @@ def _classify(where: str, item: Any, modality: str | None) -> tuple[str | None, 
     if isinstance(item, dict):
         if item.get("type") not in ("text", "image_url"):
             raise InvalidRequest(f'{where} must have "type": "text" or "image_url", not '
-                                 f"{_json_type(item.get('type'))}", param="input")
+                                 f"{json_type(item.get('type'))}", param="input")
         try:
             typed = TYPED_ITEM.validate_python(item)
         except ValidationError as exc:
@@ -198,18 +198,11 @@ def _classify(where: str, item: Any, modality: str | None) -> tuple[str | None, 
         raise InvalidRequest(f"{where} is a list of token ids: {LANGCHAIN_HINT}", param="input",
                              code="token_ids_not_supported")
     raise InvalidRequest(f'{where} must be a string or an object like {{"type": "text", "text": ...}}, not '
-                         f"{_json_type(item)}", param="input")
+                         f"{json_type(item)}", param="input")
 
 
 def _is_token_ids(value: list[Any]) -> bool:
     return bool(value) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 # -- response ------------------------------------------------------------------------------------------------

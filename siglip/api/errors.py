@@ -10,7 +10,7 @@
     ├── NotReady            503  model still loading, or failed to load (with the reason)
     └── DeadlineExceeded    504  the request ran past SIGLIP_REQUEST_TIMEOUT_S
 
-Lower layers raise these; only the HTTP layer (``siglip.http``) turns them into responses. Each carries a short
+Lower layers raise these; only the HTTP layer (``siglip.server.http``) turns them into responses. Each carries a short
 ``reason`` (a class default, or a more precise one given when raised) that labels the ``siglip_errors_total`` and
 ``siglip_url_fetch_failures_total`` metrics; the message is for people, the reason for dashboards.
 """

@@ -22,16 +22,24 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import orjson
 
-from . import observe, scoring
-from .coalesce import Coalescer
-from .errors import BadRequest, DeadlineExceeded, FetchError, NotReady
-from .fetch import Fetcher
-from .images import ImageSpec, JpegPayload, is_http_url, prepare_image, prepare_image_string, url_scheme
-from .requests import ImageInput, Limits, ParsedRequest, parse_request
-from .settings import Settings
-from .textcache import TextEmbeddingCache
+from siglip.api import scoring
+from siglip.api.coalesce import Coalescer
+from siglip.api.errors import BadRequest, DeadlineExceeded, FetchError, NotReady
+from siglip.api.fetch import Fetcher
+from siglip.api.images import (
+    ImageSpec,
+    JpegPayload,
+    is_http_url,
+    prepare_image,
+    prepare_image_string,
+    url_scheme,
+)
+from siglip.api.requests import ImageInput, Limits, ParsedRequest, parse_request
+from siglip.api.textcache import TextEmbeddingCache
+from siglip.server import observe
+from siglip.settings import Settings
 
-logger = logging.getLogger("siglip.engine")
+logger = logging.getLogger("siglip.api.engine")
 T = TypeVar("T")
 
 

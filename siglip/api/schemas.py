@@ -1,4 +1,4 @@
-"""The typed request parameters (validated in ``siglip.requests``) and the names of the modes."""
+"""The typed request parameters (validated in ``siglip.api.requests``) and the names of the modes."""
 
 from __future__ import annotations
 

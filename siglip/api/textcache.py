@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
-from .text import normalize_text
+from siglip.model.text import normalize_text
 
 Compute = Callable[[list[str]], Awaitable[np.ndarray]]
 

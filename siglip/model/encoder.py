@@ -3,7 +3,7 @@
 ``SiglipEncoder`` loads a SigLIP checkpoint (hub id or local directory) with the Auto classes, in a background
 thread, and encodes uint8 pixel batches and text batches into L2-normalized ``pooler_output`` embeddings.
 Rescale and normalization run on the model's device so only uint8 pixels cross process boundaries.
-On CPU the towers may run on OpenVINO instead (``SIGLIP_BACKEND``, ``siglip.openvino_backend``, which converts
+On CPU the towers may run on OpenVINO instead (``SIGLIP_BACKEND``, ``siglip.model.openvino_backend``, which converts
 them from the torch model); the input and output contract is the same.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .images import tiny_jpeg
-from .text import TEXT_MAX_LENGTH, token_counts, tokenize
+from siglip.api.images import tiny_jpeg
+from siglip.model.text import TEXT_MAX_LENGTH, token_counts, tokenize
 
-logger = logging.getLogger("siglip.encoder")
+logger = logging.getLogger("siglip.model.encoder")
 RESIZE_CHUNK_BYTES = 256 * 1024 * 1024  # float32 pixels resized in one call on the model's device
 # Pixel batches arrive unpickled as read-only arrays; they are only read (the first op copies to float).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -89,7 +89,7 @@ class SiglipEncoder:
                  cuda_graphs: bool = False, max_batch_size: int = 64, backend: str = "torch",
                  openvino_cache_dir: str = "", openvino_threads: int = 0):
         self.model_id = model
-        self._backend = backend  # auto | torch | openvino (siglip.openvino_backend.resolve_backend)
+        self._backend = backend  # auto | torch | openvino (siglip.model.openvino_backend.resolve_backend)
         self._openvino_cache_dir = openvino_cache_dir
         self._openvino_threads = openvino_threads
         self._requested = (device, dtype, worker_index, compile)
@@ -126,7 +126,7 @@ class SiglipEncoder:
         t0 = time.perf_counter()
         device = resolve_device(device_req, worker_index)
         dtype = resolve_dtype(dtype_req, device)
-        from .openvino_backend import resolve_backend
+        from siglip.model.openvino_backend import resolve_backend
 
         backend = resolve_backend(self._backend, device)
         logger.info("Loading %s on %s (%s, backend %s)...", self.model_id, device, str(dtype).removeprefix("torch."),
@@ -281,7 +281,7 @@ class SiglipEncoder:
         """Both towers on OpenVINO, checked against this fp32 ``model``; None: keep torch (the reason is logged)."""
         from pathlib import Path
 
-        from . import openvino_backend
+        from siglip.model import openvino_backend
 
         torch = self._torch
 
@@ -302,7 +302,7 @@ class SiglipEncoder:
         if self._device.type != "cuda":
             logger.warning("SIGLIP_CUDA_GRAPHS=1 needs a CUDA device; the vision tower runs eager on %s", self._device)
             return None
-        from .graphs import bucket_sizes, graph_or_none
+        from siglip.model.graphs import bucket_sizes, graph_or_none
 
         torch, (height, width) = self._torch, self._size
         return graph_or_none(
@@ -335,7 +335,7 @@ class SiglipEncoder:
             return self._embed_text(ids).cpu().numpy()
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens of each text the text tower reads (``siglip.text.token_counts``)."""
+        """Tokens of each text the text tower reads (``siglip.model.text.token_counts``)."""
         return token_counts(self._tokenizer, texts)
 
 

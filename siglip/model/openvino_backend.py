@@ -68,7 +68,7 @@ def resolve_backend(requested: str, device: str, fast_bf16: bool | None = None) 
     on_cpu = device == "cpu"
     if requested == "auto":
         if fast_bf16 is None:
-            from .encoder import cpu_has_fast_bf16
+            from siglip.model.encoder import cpu_has_fast_bf16
 
             fast_bf16 = cpu_has_fast_bf16()
         return "openvino" if on_cpu and fast_bf16 and installed() else "torch"
@@ -149,7 +149,7 @@ def _wrappers(model: Any) -> dict[str, Any]:
             self.model = model
 
         def forward(self, input_ids):
-            # ids only: SigLIP 2 was trained attending to the padding (siglip.text)
+            # ids only: SigLIP 2 was trained attending to the padding (siglip.model.text)
             out = self.model.get_text_features(input_ids=input_ids)
             return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
 

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
-from .errors import FetchError, Overloaded
-from .settings import Settings, fmt_bytes
+from siglip.api.errors import FetchError, Overloaded
+from siglip.settings import Settings, fmt_bytes
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _IPV4_COMPAT = ipaddress.ip_network("::/96")

@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import BadRequest
-from .images import is_http_url, looks_like_image_string
-from .schemas import MODES, Parameters
+from siglip.api.errors import BadRequest
+from siglip.api.images import is_http_url, looks_like_image_string
+from siglip.api.schemas import MODES, Parameters
 
 TEXT_DETECTION_MAX_CHARS = 500
 MISSING_LABELS = "candidate_labels is required for zero-shot classification"
@@ -82,7 +82,7 @@ def parse_request(inputs: Any, parameters: Any, endpoint_mode: str | None = None
     if parameters is None:
         parameters = {}
     if not isinstance(parameters, dict):
-        raise BadRequest(f"parameters must be a JSON object, not {_json_type(parameters)}")
+        raise BadRequest(f"parameters must be a JSON object, not {json_type(parameters)}")
 
     requested = parameters.get("mode")
     if requested is not None and requested not in MODES:
@@ -116,7 +116,7 @@ def parse_request(inputs: Any, parameters: Any, endpoint_mode: str | None = None
 def _similarity(inputs: Any, params: Parameters, limits: Limits) -> ParsedRequest:
     if not isinstance(inputs, dict):
         raise BadRequest('similarity needs inputs to be an object with "image" or "images" and "text" or "texts", '
-                         f"not {_json_type(inputs)}")
+                         f"not {json_type(inputs)}")
     image_key = _one_of(inputs, "image", "images")
     text_key = _one_of(inputs, "text", "texts")
     images, _ = image_inputs(inputs[image_key], f"inputs.{image_key}", limits)
@@ -137,7 +137,7 @@ def _check_labels(labels: Any, limits: Limits) -> None:
     if labels is None:
         raise BadRequest(MISSING_LABELS)
     if not isinstance(labels, list):
-        raise BadRequest(f"candidate_labels must be a list of strings, not {_json_type(labels)}")
+        raise BadRequest(f"candidate_labels must be a list of strings, not {json_type(labels)}")
     if not labels:
         raise BadRequest("candidate_labels must not be empty")
     if len(labels) > limits.max_texts:
@@ -145,7 +145,7 @@ def _check_labels(labels: Any, limits: Limits) -> None:
                          "(SIGLIP_MAX_TEXTS_PER_REQUEST)")
     for i, label in enumerate(labels):
         if not isinstance(label, str):
-            raise BadRequest(f"candidate_labels[{i}] must be a string, not {_json_type(label)}")
+            raise BadRequest(f"candidate_labels[{i}] must be a string, not {json_type(label)}")
         if len(label) > limits.max_text_chars:
             raise BadRequest(f"candidate_labels[{i}] is {len(label)} characters, over the limit of "
                              f"{limits.max_text_chars} (SIGLIP_MAX_TEXT_CHARS)")
@@ -202,7 +202,7 @@ def _items(value: Any, name: str, kind: str, limit: int, setting: str) -> tuple[
 
 def image_inputs(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInput, ...], bool]:
     """``value`` (a string or a list of them) as images named for error messages from ``name``; and whether it
-    was a list. The one place image inputs are checked (siglip.openai_api uses it too)."""
+    was a list. The one place image inputs are checked (siglip.api.openai_api uses it too)."""
     items, batched = _items(value, name, "image", limits.max_images, "SIGLIP_MAX_IMAGES_PER_REQUEST")
     for where, v in items:
         if not v.strip():
@@ -219,7 +219,8 @@ def text_inputs(value: Any, name: str, limits: Limits) -> tuple[str, ...]:
     return tuple(v for _, v in items)
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """How an error message names a JSON value's type ("a string", "null")."""
     if value is None:
         return "null"
     return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",

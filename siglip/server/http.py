@@ -21,13 +21,13 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from . import observe
-from .errors import BadRequest, BodyTimeout, Overloaded, PayloadTooLarge, ServiceError, Unauthorized
-from .openai_api import OPENAI_PREFIX
-from .openai_api import error_object as openai_error_object
-from .settings import MB, fmt_bytes
+from siglip.api.errors import BadRequest, BodyTimeout, Overloaded, PayloadTooLarge, ServiceError, Unauthorized
+from siglip.api.openai_api import OPENAI_PREFIX
+from siglip.api.openai_api import error_object as openai_error_object
+from siglip.server import observe
+from siglip.settings import MB, fmt_bytes
 
-logger = logging.getLogger("siglip.http")
+logger = logging.getLogger("siglip.server.http")
 
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics",
                         "/playground", "/playground/playground.js", "/playground/playground.css"})
@@ -70,7 +70,7 @@ async def answer(run: Callable[[], Awaitable[bytes]], path: str = "") -> Respons
 
 def check_body(body: bytes, path: str = "") -> None:
     """The body must be a JSON object with "inputs" (and "parameters", if any, an object); under /v1/ just a JSON
-    object, whose fields ``siglip.openai_api`` checks."""
+    object, whose fields ``siglip.api.openai_api`` checks."""
     if path.startswith(OPENAI_PREFIX):
         json_object(body, '{"model": ..., "input": ...}')
         return
@@ -162,7 +162,7 @@ class RequestGuard:
     requests ready to run, and it must keep up ``min_upload_rate`` bytes/s once ``body_timeout_s`` has passed.
 
     Refusals (400 for several Authorization headers, 401, 413, 429, 408) answer at once, without reading the
-    rest of the body, and close the connection (``siglip.connections`` lingers so the client reads the answer).
+    rest of the body, and close the connection (``siglip.server.connections`` lingers so the client reads the answer).
     """
 
     def __init__(self, app: Any, api_paths: frozenset[str], tokens: tuple[str, ...] = (),
