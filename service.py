@@ -25,13 +25,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from siglip import observe
 from siglip.api.engine import Engine
 from siglip.api.errors import NotReady, Overloaded
 from siglip.api.fetch import Fetcher, FetchPolicy
 from siglip.api.images import tiny_jpeg
 from siglip.api.openai_api import OpenAIEmbeddings
 from siglip.bento import image as bento_image
-from siglip.server import observe, playground
+from siglip.server import playground
 from siglip.server.connections import ConnectionLimits, install_connection_limits
 from siglip.server.docs_page import DocsPage
 from siglip.server.drain import hold_sigterm_until_callers_exit
@@ -225,7 +226,7 @@ openai_app = Starlette(routes=[Route("/embeddings", _v1_embeddings, methods=["PO
     name="SiglipGateway",
     image=image,
     workers=settings.gateway_workers,
-    # siglip.server.observe writes one structured line per request (with mode, counts and request id) instead.
+    # siglip.observe writes one structured line per request (with mode, counts and request id) instead.
     logging={"access": {"enabled": False}},
     traffic={"timeout": settings.request_timeout_s + 10, "concurrency": settings.target_concurrency},
 )

@@ -12,7 +12,9 @@
 #   bash benchmarks/run_all.sh                      # full size, GPU if there is one
 #   SIZE=tiny bash benchmarks/run_all.sh            # CPU smoke run (small durations by default)
 # Knobs (env): PY, SIZE, OUT, PORT, CKPT, REBUILD=1, DEVICE (naive handler), BUDGET_S, READY_TIMEOUT,
-#   NAIVE_REQUESTS (0 skips the baseline), LAT_REQUESTS, LAT_WARMUP, TP_IMAGE_LEVELS, TP_ZS_LEVELS, TP_TEXT_LEVELS, TP_DURATION,
+#   NAIVE_REQUESTS (0 skips the baseline), NAIVE_WARMUP, NAIVE_BUDGET_S (its step's limit, default 150 s),
+#   LAT_REQUESTS, LAT_WARMUP, LAT_MAX_S (per case), LAT_BUDGET_S, TP_BUDGET_S (their steps' limits),
+#   TP_IMAGE_LEVELS, TP_ZS_LEVELS, TP_TEXT_LEVELS, TP_DURATION,
 #   TP_OTHER_DURATION, CLIENT_PROCS, LOAD_DURATION (0 skips the overload test), LOAD_ARGS (extra loadtest args),
 #   PROFILE_SERVER=1 (py-spy profiles of the workers during the sweep; PYSPY=path if it is not on PATH).
 set -uo pipefail
@@ -103,8 +105,8 @@ fi
 
 # 2. baseline, before the server takes the device (NAIVE_REQUESTS=0 skips it)
 if [ "$NAIVE_REQUESTS" != 0 ]; then
-  step naive 150 "$PY" benchmarks/naive_handler.py --model "$CKPT" --device "$DEVICE" --requests "$NAIVE_REQUESTS" \
-    --max-seconds 40 --json "$OUT/naive.json"
+  step naive "${NAIVE_BUDGET_S:-150}" "$PY" benchmarks/naive_handler.py --model "$CKPT" --device "$DEVICE" \
+    --requests "$NAIVE_REQUESTS" --warmup "${NAIVE_WARMUP:-3}" --max-seconds 40 --json "$OUT/naive.json"
 fi
 
 # 3. server
@@ -128,8 +130,8 @@ fi
 # 4-6. against the server
 BASE_ARG=()
 [ -f "$OUT/naive.json" ] && BASE_ARG=(--baseline-json "$OUT/naive.json")
-step latency 150 "$PY" benchmarks/latency.py --url "$URL" --requests "$LAT_REQUESTS" --warmup "$LAT_WARMUP" \
-  --max-seconds 40 "${BASE_ARG[@]}" --json "$OUT/latency.json"
+step latency "${LAT_BUDGET_S:-150}" "$PY" benchmarks/latency.py --url "$URL" --requests "$LAT_REQUESTS" \
+  --warmup "$LAT_WARMUP" --max-seconds "${LAT_MAX_S:-40}" "${BASE_ARG[@]}" --json "$OUT/latency.json"
 # While the sweep runs: GPU utilization samples (where nvidia-smi exists) and, with PROFILE_SERVER=1, py-spy
 # profiles of the first model and gateway workers (busy time only): what limits the server at saturation.
 WATCHERS=()
@@ -150,7 +152,7 @@ if [ -n "${PROFILE_SERVER:-}" ]; then
     fi
   done
 fi
-step throughput 240 "$PY" benchmarks/throughput.py --url "$URL" --levels "$TP_IMAGE_LEVELS" \
+step throughput "${TP_BUDGET_S:-240}" "$PY" benchmarks/throughput.py --url "$URL" --levels "$TP_IMAGE_LEVELS" \
   --levels-for "zero_shot=$TP_ZS_LEVELS" --levels-for "text_embedding=$TP_TEXT_LEVELS" \
   --duration "$TP_DURATION" --duration-for "zero_shot=$TP_OTHER_DURATION" \
   --duration-for "text_embedding=$TP_OTHER_DURATION" --drain-timeout 20 --client-procs "$CLIENT_PROCS" \

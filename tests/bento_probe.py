@@ -53,15 +53,16 @@ class SlowImages:
 
 def wait_ready(proc: subprocess.Popen, base: str, timeout_s: float) -> float:
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
+    with httpx.Client(timeout=2) as probe:  # one client: httpx.get builds a TLS context (CPU) per call
+        while time.monotonic() - t0 < timeout_s:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+            try:
+                if probe.get(base + "/readyz").status_code == 200:
+                    return time.monotonic() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
     raise RuntimeError(f"server not ready after {timeout_s} s")
 
 

@@ -75,7 +75,7 @@ def test_capture_failure_falls_back_to_eager(caplog):
     """Here capture fails for real (no CUDA): the caller gets None, i.e. eager, and the reason is logged."""
     import torch
 
-    with caplog.at_level(logging.WARNING, logger="siglip.model.graphs"):
+    with caplog.at_level(logging.WARNING, logger="siglip.graphs"):
         graphed = graph_or_none(torch, lambda x: x * 2, lambda b: torch.zeros(b, 4), bucket_sizes(8), "cpu")
     assert graphed is None
     assert "CUDA graph capture failed" in caplog.text and "runs eager" in caplog.text
@@ -94,7 +94,7 @@ def test_graphs_requested_on_cpu_run_eager_with_a_warning(tiny_checkpoint, refer
     from siglip.model.encoder import SiglipEncoder
 
     enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", cuda_graphs=True)
-    with caplog.at_level(logging.WARNING, logger="siglip.model.encoder"):
+    with caplog.at_level(logging.WARNING, logger="siglip.encoder"):
         enc.load()
     assert enc.error is None and enc.info.cuda_graphs is None
     assert "SIGLIP_CUDA_GRAPHS=1 needs a CUDA device" in caplog.text

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import orjson
 
+from siglip import observe
 from siglip.api import scoring
 from siglip.api.coalesce import Coalescer
 from siglip.api.errors import BadRequest, DeadlineExceeded, FetchError, NotReady
@@ -36,10 +37,9 @@ from siglip.api.images import (
 )
 from siglip.api.requests import ImageInput, Limits, ParsedRequest, parse_request
 from siglip.api.textcache import TextEmbeddingCache
-from siglip.server import observe
 from siglip.settings import Settings
 
-logger = logging.getLogger("siglip.api.engine")
+logger = logging.getLogger("siglip.engine")
 T = TypeVar("T")
 
 

@@ -31,10 +31,10 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from siglip import observe
 from siglip.api.engine import Engine, ModelView, gather_or_cancel
 from siglip.api.errors import BadRequest, ServiceError
 from siglip.api.requests import ImageInput, Limits, image_inputs, json_type, text_inputs
-from siglip.server import observe
 
 OPENAI_PREFIX = "/v1/"
 LANGCHAIN_HINT = ("this server tokenizes text itself and takes strings, not token ids. LangChain's "

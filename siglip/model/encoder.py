@@ -23,7 +23,7 @@ import numpy as np
 from siglip.api.images import tiny_jpeg
 from siglip.model.text import TEXT_MAX_LENGTH, token_counts, tokenize
 
-logger = logging.getLogger("siglip.model.encoder")
+logger = logging.getLogger("siglip.encoder")
 RESIZE_CHUNK_BYTES = 256 * 1024 * 1024  # float32 pixels resized in one call on the model's device
 # Pixel batches arrive unpickled as read-only arrays; they are only read (the first op copies to float).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-logger = logging.getLogger("siglip.model.graphs")
+logger = logging.getLogger("siglip.graphs")
 
 # Below this cosine between a graph replay and the eager forward on the same input, graphs are not used.
 PARITY_MIN_COSINE = 0.999

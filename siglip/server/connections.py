@@ -37,11 +37,11 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from siglip.server import observe
+from siglip import observe
 from siglip.server.memory import fix_mmap_threshold, limit_arenas, trim_heap
 from siglip.settings import Settings, fmt_bytes
 
-logger = logging.getLogger("siglip.server.connections")
+logger = logging.getLogger("siglip.connections")
 
 # File descriptors kept free below the process limit for everything that is not a client connection (model
 # service sockets, URL fetches, files).
@@ -91,7 +91,7 @@ REFUSAL_REASONS = {400: "malformed_http", 408: "header_timeout", 431: "header_li
 
 def error_bytes(status: int, message: str) -> bytes:
     """A complete HTTP/1.1 response with the service's {"error": ...} body, closing the connection. It is counted
-    in siglip_errors_total and carries an X-Request-ID like every other answer (siglip.server.observe never sees it)."""
+    in siglip_errors_total and carries an X-Request-ID like every other answer (siglip.observe never sees it)."""
     body = orjson.dumps({"error": message})
     try:
         observe.metrics().errors.labels(status=str(status), reason=REFUSAL_REASONS.get(status, "other")).inc()
@@ -192,6 +192,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             _cap_warnings.warning("refused a connection: %d open (SIGLIP_MAX_CONNECTIONS)", len(self.connections))
             transport.write(error_bytes(503, f"server has {len(self.connections)} open connections "
                                              "(SIGLIP_MAX_CONNECTIONS); retry shortly"))
+            # Closed at once, not lingering like the other refusals: a flood past the cap must not hold the
+            # descriptors the cap protects; a client already sending a large body may see a reset instead.
             transport.close()
             return
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-logger = logging.getLogger("siglip.server.drain")
+logger = logging.getLogger("siglip.drain")
 
 
 def hold_sigterm_until_callers_exit(service_name: str, max_wait_s: float, poll_s: float = 0.1) -> bool:

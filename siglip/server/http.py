@@ -21,13 +21,13 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from siglip import observe
 from siglip.api.errors import BadRequest, BodyTimeout, Overloaded, PayloadTooLarge, ServiceError, Unauthorized
 from siglip.api.openai_api import OPENAI_PREFIX
 from siglip.api.openai_api import error_object as openai_error_object
-from siglip.server import observe
 from siglip.settings import MB, fmt_bytes
 
-logger = logging.getLogger("siglip.server.http")
+logger = logging.getLogger("siglip.http")
 
 OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics",
                         "/playground", "/playground/playground.js", "/playground/playground.css"})
