@@ -1,0 +1,66 @@
+"""One image through the service's encoder against the naive handler's whole request, in one process.
+
+Separates the forward from the serving path: if these two agree but the service's one-image latency over HTTP is
+higher, the difference is spent between the gateway and the model worker, not in the model. Calls alternate, after
+one warm-up each, so both see the same host.
+
+    python benchmarks/model_vs_naive.py --model /tmp/ckpt-full --calls 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import naive_handler
+import numpy as np
+from common import log
+from PIL import Image
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--calls", type=int, default=5, help="timed calls of each (default: 5)")
+    parser.add_argument("--backend", default="torch", help="the encoder's SIGLIP_BACKEND (default: torch)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from siglip.model.encoder import SiglipEncoder
+
+    log(f"torch threads {torch.get_num_threads()}; loading {args.model} twice (encoder, naive handler) ...")
+    encoder = SiglipEncoder(args.model, device="cpu", backend=args.backend, warmup_batch_sizes=())
+    encoder.load()
+    handler = naive_handler.EndpointHandler(args.model, "cpu")
+    pool = naive_handler.jpeg_b64_pool(1)
+    body = naive_handler.build_requests("single", pool, 0)
+    jpeg = base64.b64decode(pool[0].split(",")[-1])
+    size = (encoder.info.image_width, encoder.info.image_height) if encoder.info else (512, 512)
+    # The gateway's work (decode + resize to uint8) is outside the timed encoder call, as in the service.
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB").resize(size, Image.BILINEAR))[None]
+    encoder.encode_images(pixels)
+    handler(body)
+    ours, naive = [], []
+    for _ in range(args.calls):
+        t = time.perf_counter()
+        encoder.encode_images(pixels)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        handler(body)
+        naive.append(time.perf_counter() - t)
+    for name, times in (("encoder.encode_images, 1 image", ours), ("naive handler, whole request", naive)):
+        print(f"{name}: median {statistics.median(times) * 1000:,.0f} ms "
+              f"({', '.join(f'{x * 1000:,.0f}' for x in times)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
