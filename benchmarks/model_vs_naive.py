@@ -4,7 +4,9 @@ Separates the forward from the serving path: if these two agree but the service'
 higher, the difference is spent between the gateway and the model worker, not in the model. Calls alternate, after
 one warm-up each, so both see the same host.
 
-    python benchmarks/model_vs_naive.py --model /tmp/ckpt-full --calls 5
+    python benchmarks/model_vs_naive.py --model /tmp/ckpt-full --calls 5 [--json out.json]
+
+The encoder runs fp32, as the naive handler does (the service's SIGLIP_DTYPE=auto takes bf16 on CPUs with bf16).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import naive_handler
 import numpy as np
-from common import log
+from common import log, meta, write_json
 from PIL import Image
 
 
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--calls", type=int, default=5, help="timed calls of each (default: 5)")
     parser.add_argument("--backend", default="torch", help="the encoder's SIGLIP_BACKEND (default: torch)")
+    parser.add_argument("--json", metavar="PATH", help="write the timings as JSON")
     args = parser.parse_args(argv)
 
     import torch
@@ -37,13 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     from siglip.model.encoder import SiglipEncoder
 
     log(f"torch threads {torch.get_num_threads()}; loading {args.model} twice (encoder, naive handler) ...")
-    encoder = SiglipEncoder(args.model, device="cpu", backend=args.backend, warmup_batch_sizes=())
+    encoder = SiglipEncoder(args.model, device="cpu", dtype="float32", backend=args.backend, warmup_batch_sizes=())
     encoder.load()
+    if encoder.info is None:
+        raise SystemExit(f"the encoder did not load: {encoder.error}")
     handler = naive_handler.EndpointHandler(args.model, "cpu")
     pool = naive_handler.jpeg_b64_pool(1)
     body = naive_handler.build_requests("single", pool, 0)
     jpeg = base64.b64decode(pool[0].split(",")[-1])
-    size = (encoder.info.image_width, encoder.info.image_height) if encoder.info else (512, 512)
+    size = (encoder.info.image_width, encoder.info.image_height)
     # The gateway's work (decode + resize to uint8) is outside the timed encoder call, as in the service.
     pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB").resize(size, Image.BILINEAR))[None]
     encoder.encode_images(pixels)
@@ -56,9 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         handler(body)
         naive.append(time.perf_counter() - t)
-    for name, times in (("encoder.encode_images, 1 image", ours), ("naive handler, whole request", naive)):
+    results = {}
+    for key, name, times in (("encoder", "encoder.encode_images, 1 image", ours),
+                             ("naive", "naive handler, whole request", naive)):
+        results[key] = {"median_ms": round(statistics.median(times) * 1000, 1),
+                        "calls_ms": [round(x * 1000, 1) for x in times]}
         print(f"{name}: median {statistics.median(times) * 1000:,.0f} ms "
               f"({', '.join(f'{x * 1000:,.0f}' for x in times)})")
+    write_json(args.json, {"meta": meta("model_vs_naive", model=args.model, backend=encoder.info.backend,
+                                        dtype=encoder.info.dtype, torch_threads=torch.get_num_threads()),
+                           **results})
     return 0
 
 

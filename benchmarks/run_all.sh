@@ -12,8 +12,8 @@
 #   bash benchmarks/run_all.sh                      # full size, GPU if there is one
 #   SIZE=tiny bash benchmarks/run_all.sh            # CPU smoke run (small durations by default)
 # Knobs (env): PY, SIZE, OUT, PORT, CKPT, REBUILD=1, DEVICE (naive handler), BUDGET_S, READY_TIMEOUT,
-#   NAIVE_REQUESTS (0 skips the baseline), NAIVE_WARMUP, NAIVE_BUDGET_S (its step's limit, default 150 s),
-#   LAT_REQUESTS, LAT_WARMUP, LAT_MAX_S (per case), LAT_BUDGET_S, TP_BUDGET_S (their steps' limits),
+#   NAIVE_REQUESTS (0 skips the baseline), NAIVE_WARMUP, NAIVE_MAX_S (per case), NAIVE_BUDGET_S,
+#   LAT_REQUESTS, LAT_WARMUP, LAT_MAX_S (per case), LAT_BUDGET_S, TP_BUDGET_S (*_BUDGET_S: a step's limit),
 #   TP_IMAGE_LEVELS, TP_ZS_LEVELS, TP_TEXT_LEVELS, TP_DURATION,
 #   TP_OTHER_DURATION, CLIENT_PROCS, LOAD_DURATION (0 skips the overload test), LOAD_ARGS (extra loadtest args),
 #   PROFILE_SERVER=1 (py-spy profiles of the workers during the sweep; PYSPY=path if it is not on PATH).
@@ -106,7 +106,7 @@ fi
 # 2. baseline, before the server takes the device (NAIVE_REQUESTS=0 skips it)
 if [ "$NAIVE_REQUESTS" != 0 ]; then
   step naive "${NAIVE_BUDGET_S:-150}" "$PY" benchmarks/naive_handler.py --model "$CKPT" --device "$DEVICE" \
-    --requests "$NAIVE_REQUESTS" --warmup "${NAIVE_WARMUP:-3}" --max-seconds 40 --json "$OUT/naive.json"
+    --requests "$NAIVE_REQUESTS" --warmup "${NAIVE_WARMUP:-3}" --max-seconds "${NAIVE_MAX_S:-40}" --json "$OUT/naive.json"
 fi
 
 # 3. server

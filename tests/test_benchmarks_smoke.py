@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import ROOT
 
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ("make_checkpoint", "naive_handler", "latency", "throughput", "loadtest", "wait_ready")
+SCRIPTS = ("make_checkpoint", "naive_handler", "latency", "throughput", "loadtest", "wait_ready", "model_vs_naive")
 LATENCY_KEYS = {"n", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s"}
 
 
@@ -42,6 +42,11 @@ def test_benchmark_scripts_run_and_write_json(service, tiny_checkpoint, tmp_path
     assert set(naive["cases"]) == {"single", "batch10", "zero_shot"}
     for case in naive["cases"].values():
         assert LATENCY_KEYS <= case.keys() and case["n"] == 2
+
+    ok(run("model_vs_naive", "--model", str(tiny_checkpoint), "--calls", "2", "--json", str(tmp_path / "mvn.json")))
+    mvn = json.loads((tmp_path / "mvn.json").read_text())
+    assert mvn["meta"]["dtype"] == "float32"
+    assert [len(mvn[k]["calls_ms"]) for k in ("encoder", "naive")] == [2, 2] and mvn["encoder"]["median_ms"] > 0
 
     proc = run("latency", "--url", service.url, "--requests", "2", "--warmup", "2", "--json",
                str(tmp_path / "latency.json"), "--baseline-json", str(tmp_path / "naive.json"), *common)

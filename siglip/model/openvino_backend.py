@@ -60,8 +60,8 @@ def resolve_backend(requested: str, device: str, fast_bf16: bool | None = None) 
 
     "auto" takes OpenVINO only on CPUs with bf16 instructions (AVX512-BF16 or AMX; ``fast_bf16``, read from
     /proc/cpuinfo when not given): there it ran the vision tower 1.7x faster than torch bf16 (Zen 4, 590 against
-    999 ms). On an AVX2-only EPYC both run fp32 and OpenVINO measured 0.82x torch end to end (one image, 5,390
-    against 4,404 ms; benchmarks/RESULTS.md), so torch stays the default there.
+    999 ms). On an AVX2-only EPYC both run fp32 and OpenVINO measured 0.97x torch end to end on an idle host (one
+    image, 5,712 against 5,526 ms; benchmarks/RESULTS.md), so torch stays the default there.
     """
     if requested == "torch":
         return "torch"
