@@ -12,8 +12,6 @@ The encoder runs fp32, as the naive handler does (the service's SIGLIP_DTYPE=aut
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import statistics
 import sys
 import time
@@ -22,9 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import naive_handler
-import numpy as np
 from common import log, meta, write_json
-from PIL import Image
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from siglip.api.images import ImageSpec, decode_image_string, load_pixels
     from siglip.model.encoder import SiglipEncoder
 
     log(f"torch threads {torch.get_num_threads()}; loading {args.model} twice (encoder, naive handler) ...")
@@ -47,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = naive_handler.EndpointHandler(args.model, "cpu")
     pool = naive_handler.jpeg_b64_pool(1)
     body = naive_handler.build_requests("single", pool, 0)
-    jpeg = base64.b64decode(pool[0].split(",")[-1])
-    size = (encoder.info.image_width, encoder.info.image_height)
-    # The gateway's work (decode + resize to uint8) is outside the timed encoder call, as in the service.
-    pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB").resize(size, Image.BILINEAR))[None]
+    # The gateway's work (decode + the checkpoint's resize to uint8), untimed, as the service splits it.
+    info = encoder.info
+    jpeg = decode_image_string(pool[0], "image", 1 << 30)
+    pixels = load_pixels(jpeg, "image", ImageSpec(info.image_height, info.image_width, info.resample), 10**9)[None]
     encoder.encode_images(pixels)
     handler(body)
     ours, naive = [], []

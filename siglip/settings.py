@@ -130,7 +130,7 @@ class Settings:
                      "max_parallel_fetches", "max_image_bytes", "max_image_pixels", "max_images_per_request",
                      "max_texts_per_request", "max_text_chars", "max_body_bytes", "max_inflight_body_bytes",
                      "max_header_bytes", "max_headers", "max_connections", "min_upload_bytes_per_s",
-                     "max_uploads"):
+                     "max_uploads", "target_concurrency"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must be positive")
         for name in ("text_cache_size", "fetch_max_redirects", "openvino_threads"):  # 0 = off / default
@@ -146,8 +146,6 @@ class Settings:
             raise ValueError("SIGLIP_JPEG_DRAFT_FACTOR must be 0 (off) or a positive number")
         if self.image not in ("gpu", "cpu"):
             raise ValueError(f"SIGLIP_IMAGE must be gpu or cpu, not {self.image!r}")
-        if self.target_concurrency <= 0:
-            raise ValueError("SIGLIP_TARGET_CONCURRENCY must be positive")
 
     def __repr__(self) -> str:  # tokens never reach logs
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "api_token"}

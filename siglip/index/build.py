@@ -119,7 +119,7 @@ class Builder:
         self.client, self.store, self.stats = client, store, stats
         self.backoff, self.progress = backoff, progress
         self.rng = random.Random(seed)
-        self.window = Window(1)
+        self.window: Window  # set by run(), for its concurrency
 
     async def run(self, items: Sequence[Item], batch_size: int, concurrency: int) -> BuildStats:
         batches = iter([items[i:i + batch_size] for i in range(0, len(items), batch_size)])

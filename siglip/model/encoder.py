@@ -83,6 +83,13 @@ def resolve_dtype(requested: str, device: str):
     return getattr(torch, requested)
 
 
+def normalized_embedding(torch: Any, out: Any) -> Any:
+    """A tower's output (transformers' output object, or the tensor a compiled graph returns) -> its
+    ``pooler_output`` as L2-normalized float32: the embedding every backend serves."""
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+
 class SiglipEncoder:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", worker_index: int = 1,
                  compile: bool = False, warmup_batch_sizes: Sequence[int] = (1,), device_decode: str = "off",
@@ -268,14 +275,10 @@ class SiglipEncoder:
 
     def _embed_eager(self, pixel_values: Any) -> Any:
         """Normalized pixels (N, 3, H, W) in the model dtype -> L2-normalized float32 embeddings, on the device."""
-        return self._normalized(self._vision(pixel_values=pixel_values))
-
-    def _normalized(self, out: Any) -> Any:
-        feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        return self._torch.nn.functional.normalize(feats.float(), dim=-1)
+        return normalized_embedding(self._torch, self._vision(pixel_values=pixel_values))
 
     def _embed_text_eager(self, input_ids: Any) -> Any:
-        return self._normalized(self._text(input_ids=input_ids))
+        return normalized_embedding(self._torch, self._text(input_ids=input_ids))
 
     def _openvino_towers(self, model: Any, embed_dim: int, dtype_req: str):
         """Both towers on OpenVINO, checked against this fp32 ``model``; None: keep torch (the reason is logged)."""
@@ -288,7 +291,7 @@ class SiglipEncoder:
         def reference(fn):
             def run(x: np.ndarray) -> np.ndarray:
                 with torch.inference_mode():
-                    return self._normalized(fn(torch.from_numpy(x))).numpy()
+                    return normalized_embedding(torch, fn(torch.from_numpy(x))).numpy()
             return run
 
         cache_dir = Path(self._openvino_cache_dir) if self._openvino_cache_dir else openvino_backend.default_cache_dir()

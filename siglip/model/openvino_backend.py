@@ -47,7 +47,7 @@ TOWERS = ("vision", "text")
 # SIGLIP_DTYPE -> OpenVINO's INFERENCE_PRECISION_HINT; "auto" leaves OpenVINO's choice (bf16 where the CPU has
 # AVX512-BF16 or AMX, else f32).
 PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
-DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+DTYPE_NAMES = {hint: dtype for dtype, hint in PRECISION_HINTS.items()}
 
 
 def installed() -> bool:
@@ -134,26 +134,20 @@ def _wrappers(model: Any) -> dict[str, Any]:
     """The towers as modules whose output is the L2-normalized float32 embedding."""
     import torch
 
-    class Vision(torch.nn.Module):
-        def __init__(self):
+    from siglip.model.encoder import normalized_embedding
+
+    class Normalized(torch.nn.Module):
+        def __init__(self, features: str, argument: str):
             super().__init__()
             self.model = model
+            self.features, self.argument = features, argument
 
-        def forward(self, pixel_values):
-            out = self.model.get_image_features(pixel_values=pixel_values)
-            return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
+        def forward(self, x):
+            return normalized_embedding(torch, getattr(self.model, self.features)(**{self.argument: x}))
 
-    class Text(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            # ids only: SigLIP 2 was trained attending to the padding (siglip.model.text)
-            out = self.model.get_text_features(input_ids=input_ids)
-            return torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
-
-    return {"vision": Vision().eval(), "text": Text().eval()}
+    # text: ids only, no attention mask: SigLIP 2 was trained attending to the padding (siglip.model.text)
+    return {"vision": Normalized("get_image_features", "pixel_values").eval(),
+            "text": Normalized("get_text_features", "input_ids").eval()}
 
 
 def convert(model: Any, image_size: tuple[int, int], text_length: int, target: Path) -> None:
@@ -243,9 +237,12 @@ def load_towers(model: Any, model_id: str, cache_dir: Path, image_size: tuple[in
         config["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[dtype]
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
+
+    def compile_towers() -> dict[str, Any]:
+        return {name: core.compile_model(core.read_model(entry / f"{name}.xml"), "CPU", config) for name in TOWERS}
+
     try:
-        compiled = {name: core.compile_model(core.read_model(entry / f"{name}.xml"), "CPU", config)
-                    for name in TOWERS}
+        compiled = compile_towers()
     except Exception as exc:
         if converted:
             raise
@@ -258,8 +255,7 @@ def load_towers(model: Any, model_id: str, cache_dir: Path, image_size: tuple[in
         shutil.rmtree(aside, ignore_errors=True)
         convert(model, image_size, text_length, entry)
         converted = True
-        compiled = {name: core.compile_model(core.read_model(entry / f"{name}.xml"), "CPU", config)
-                    for name in TOWERS}
+        compiled = compile_towers()
     hint = compiled["vision"].get_property("INFERENCE_PRECISION_HINT").to_string()
     precision = DTYPE_NAMES.get(hint, hint)
     return Towers(Tower(compiled["vision"], embed_dim), Tower(compiled["text"], embed_dim), precision,

@@ -25,12 +25,13 @@ from siglip import observe
 from siglip.api.errors import BadRequest, BodyTimeout, Overloaded, PayloadTooLarge, ServiceError, Unauthorized
 from siglip.api.openai_api import OPENAI_PREFIX
 from siglip.api.openai_api import error_object as openai_error_object
+from siglip.server import playground
 from siglip.settings import MB, fmt_bytes
 
 logger = logging.getLogger("siglip.http")
 
-OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics",
-                        "/playground", "/playground/playground.js", "/playground/playground.css"})
+# Open without a token: the probes and metrics, and the playground's files (the page asks for the token itself).
+OPEN_PATHS = observe.QUIET_PATHS | playground.PATHS
 
 MAX_JSON_DEPTH = 32
 

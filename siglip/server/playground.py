@@ -1,7 +1,7 @@
 """The browser playground: one static page (plus its script and style sheet) that calls this service's own API.
 
 The files are read once at import and answered as they are: no templating, no build step, nothing from another
-origin. Every asset is an exact path (also listed in ``siglip.server.http.OPEN_PATHS``, so the page loads when auth is
+origin. Every asset is an exact path (part of ``siglip.server.http.OPEN_PATHS``, so the page loads when auth is
 on: it carries no data, and the page sends the token itself, only to this origin).
 """
 
