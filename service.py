@@ -27,17 +27,24 @@ from starlette.routing import Route
 
 from siglip import observe
 from siglip.api.engine import Engine
-from siglip.api.errors import NotReady, Overloaded
+from siglip.api.errors import MODEL_LOADING, NotReady, Overloaded
 from siglip.api.fetch import Fetcher, FetchPolicy
 from siglip.api.images import tiny_jpeg
+from siglip.api.modelwatch import ModelWatch
 from siglip.api.openai_api import OpenAIEmbeddings
 from siglip.bento import image as bento_image
-from siglip.server import playground
+from siglip.server import patches, playground
 from siglip.server.connections import ConnectionLimits, install_connection_limits
 from siglip.server.docs_page import DocsPage
-from siglip.server.drain import hold_sigterm_until_callers_exit
+from siglip.server.drain import exit_with_server, hold_sigterm_until_callers_exit
 from siglip.server.http import RequestGuard, answer
+from siglip.server.model_gate import ModelGate
 from siglip.settings import get_settings
+
+# Before BentoML builds anything: graceful stops, bounded readiness probes, per-server metric files.
+patches.install()
+if bentoml.server_context.worker_index is not None:  # a worker: it must not outlive the main process
+    exit_with_server(int(os.environ[patches.SERVER_PID_ENV]) if patches.SERVER_PID_ENV in os.environ else None)
 
 # BentoML's logging setup leaves the root logger at WARNING: give our own loggers a level so the
 # "loaded model" and error lines are printed.
@@ -81,6 +88,8 @@ class SiglipModel:
                                      cuda_graphs=settings.cuda_graphs, max_batch_size=settings.max_batch_size,
                                      backend=settings.backend, openvino_cache_dir=settings.openvino_cache_dir,
                                      openvino_threads=settings.openvino_threads)
+        # Until the model is loaded its batch calls are refused at the door (503 MODEL_LOADING): a restarted worker.
+        ModelGate.watch(lambda: (self.encoder.ready.is_set(), self.encoder.error))
         # /metrics says which backend and decode path run as soon as the model is loaded, probes or not.
         self.encoder.start_loading(on_loaded=lambda info: observe.metrics().loaded(info.to_dict()))
         # BentoML stops all services at once: keep answering until the gateway has answered its requests.
@@ -154,14 +163,20 @@ class SiglipModel:
         return self.encoder.count_tokens(texts)
 
 
+SiglipModel.add_asgi_middleware(ModelGate, paths=frozenset(api.route for name, api in SiglipModel.apis.items()
+                                                          if name != "info"))
+
+
 class BentoModelClient:
-    """``siglip.api.engine.ModelClient`` over a BentoML dependency, retrying the idempotent calls on broken
-    connections and mapping the batcher's 503 to an overload answer."""
+    """``siglip.api.engine.ModelClient`` over a BentoML dependency. Idempotent calls are retried on broken
+    connections; a model service that is restarting, loading or not answering its health check is a 503
+    (``NotReady``, with Retry-After) and the batcher's queue overflow a 429, never a 500."""
 
     RETRIES = 2
 
-    def __init__(self, proxy: Any):
+    def __init__(self, proxy: Any, stall_after_s: float):
         self._proxy = proxy
+        self.watch = ModelWatch(lambda: proxy.is_ready(), stall_after_s)
 
     async def status(self) -> dict:
         return await self._call("info")
@@ -179,20 +194,25 @@ class BentoModelClient:
         return await self._call("count_tokens", texts)
 
     async def _call(self, name: str, *args: Any) -> Any:
+        return await self.watch.run(self._call_with_retries(name, *args))
+
+    async def _call_with_retries(self, name: str, *args: Any) -> Any:
         for attempt in range(self.RETRIES + 1):
             try:
                 return await getattr(self._proxy.to_async, name)(*args)
             except BentoMLException as exc:
                 if int(getattr(exc, "error_code", 500)) == 503:
-                    if name == "info":
-                        raise NotReady("model service is not reachable yet; retry shortly") from None
+                    if name == "info" or MODEL_LOADING in str(exc):
+                        raise NotReady("the model service is (re)starting and not loaded yet; retry shortly",
+                                       reason="model_loading") from None
                     raise Overloaded("model queue is full (SIGLIP_MAX_LATENCY_MS); retry shortly") from None
                 raise
             except (aiohttp.ClientConnectionError, httpx.TransportError) as exc:
-                # BentoML's inter-service client (aiohttp) can pick a pooled connection the other side is
-                # closing ("Cannot write to closing transport", bentoml#5540); the calls are idempotent.
+                # A pooled connection the other side is closing ("Cannot write to closing transport",
+                # bentoml#5540), or a model worker that died with this call: the calls are idempotent.
                 if attempt == self.RETRIES:
-                    raise
+                    raise NotReady(f"the model service is unreachable ({type(exc).__name__}); it may be "
+                                   "restarting, retry shortly", reason="model_unreachable") from None
                 logger.warning("retrying %s after a broken connection: %s", name, exc)
 
 
@@ -237,7 +257,8 @@ class SiglipGateway:
         logging.getLogger("siglip").disabled = False
         self.fetcher = Fetcher(FetchPolicy.from_settings(settings))
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="siglip-decode")
-        self.engine = Engine(settings, BentoModelClient(self.model), self.fetcher, self.pool,
+        self.engine = Engine(settings, BentoModelClient(self.model, settings.model_stall_timeout_s),
+                             self.fetcher, self.pool,
                              on_cache=observe.metrics().text_cache)
         self.openai = OpenAIEmbeddings(self.engine, settings.model)
         logger.info("Gateway worker %s ready (pid %d): %r", bentoml.server_context.worker_index, os.getpid(),

@@ -8,6 +8,7 @@ writes the log line and updates the metrics from the record alone. Nothing here 
 Metrics (Prometheus, on ``/metrics`` beside BentoML's own; BentoML shares one multiprocess registry between the
 gateway and model processes, so the model's batch sizes appear there too):
 
+    siglip_requests_in_flight                              API requests being served (the autoscaling metric)
     siglip_requests_total{route, mode, status}             every answered request but health and metrics probes
     siglip_request_duration_seconds{route, mode, status}   the same, as a latency histogram
     siglip_images_total{mode}, siglip_texts_total{mode}    items in successful requests
@@ -122,6 +123,9 @@ class Observer:
                 message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, rid.encode())]}
             await send(message)
 
+        counted = record.method == "POST" and record.path in self.routes
+        if counted:
+            metrics().in_flight.inc()
         try:
             await self.app(scope, receive, tag)
         except BaseException:
@@ -129,6 +133,8 @@ class Observer:
                 record.status = 500
             raise
         finally:
+            if counted:
+                metrics().in_flight.dec()
             _current.reset(token)
             if record.path not in QUIET_PATHS:
                 self.finish(record, time.perf_counter() - start)
@@ -168,6 +174,10 @@ class Metrics:
                                     documentation="Text embeddings computed by the model")
         self.batch_size = Histogram(name="siglip_model_batch_size", documentation="Items per model call, by encoder",
                                     labelnames=["encoder"], buckets=BATCH_BUCKETS)
+        # livesum: the sum over the gateway processes alive now (a killed worker's count goes with it; see
+        # siglip.server.patches). What the HPA, KEDA and BentoCloud scale on.
+        self.in_flight = Gauge(name="siglip_requests_in_flight", documentation="API requests received and not "
+                               "yet answered", multiprocess_mode="livesum")
         self.model_info = Gauge(name="siglip_model_info", documentation="1 for the loaded checkpoint: device, dtype, "
                                 "backend and JPEG decode path", multiprocess_mode="max",
                                 labelnames=["model", "device", "dtype", "backend", "jpeg_decode"])

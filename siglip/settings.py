@@ -53,7 +53,9 @@ class Settings:
     # are merged into the next call (0 = one call per request)
     gateway_workers: int = 1
     decode_threads: int = 4  # image decode/resize threads per gateway worker
-    request_timeout_s: float = 120.0  # whole-request deadline (504 past it)
+    request_timeout_s: float = 120.0  # whole-request deadline (504 past it); sized for big CPU batches
+    model_stall_timeout_s: float = 10.0  # the model service's health check unanswered this long: its calls fail
+    # with 503 instead of waiting for the deadline (frozen, swapping or restarting worker)
     max_concurrency: int = 256  # requests in flight per gateway worker before 429
     keep_alive_s: float = 75.0  # idle HTTP connections kept open (longer than clients' and load balancers'); 0:
     # BentoML's 5 s
@@ -136,7 +138,7 @@ class Settings:
         for name in ("text_cache_size", "fetch_max_redirects", "openvino_threads"):  # 0 = off / default
             if getattr(self, name) < 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must not be negative")
-        for name in ("request_timeout_s", "fetch_connect_timeout_s", "fetch_read_timeout_s",
+        for name in ("request_timeout_s", "model_stall_timeout_s", "fetch_connect_timeout_s", "fetch_read_timeout_s",
                      "fetch_total_timeout_s", "header_timeout_s", "body_timeout_s"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must be a positive number of seconds")

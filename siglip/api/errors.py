@@ -73,6 +73,11 @@ class NotReady(ServiceError):
     headers: ClassVar[dict[str, str]] = {"Retry-After": "5"}
 
 
+# The model service's 503 for a call that reached a worker whose model is not loaded (yet): the gateway tells it
+# from the batcher's own 503 (queue full) by this text.
+MODEL_LOADING = "model not loaded"
+
+
 class DeadlineExceeded(ServiceError):
     status = 504
     reason = "deadline"

@@ -6,12 +6,18 @@ have yet to call it, and those requests would fail with 500. So a model worker h
 the other processes of the same server (the gateway workers, which exit once their in-flight requests are
 answered) are gone, or a deadline passes, and only then starts uvicorn's own graceful shutdown. A second
 SIGTERM shuts down at once.
+
+The other way round, a worker must not outlive the main process: killed (SIGKILL, the OOM killer), it would leave
+its workers running and holding the port, and a new server could not bind it. ``exit_with_server`` asks the
+kernel to kill the worker when its parent dies (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -80,3 +86,23 @@ def _wait_then(callers: Callable[[], list], max_wait_s: float, poll_s: float,
     if waiting:
         logger.warning("SIGTERM: callers still running after %.0f s; shutting down anyway", max_wait_s)
     shutdown()  # uvicorn's handler only sets a flag its main loop polls: safe from this thread
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def exit_with_server(server_pid: int | None) -> bool:
+    """In a worker: SIGKILL this process when its parent (``server_pid``, the main ``bentoml serve`` process) dies,
+    and at once if it already has. Returns whether the kernel took the request (Linux only)."""
+    if server_pid is None:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != server_pid:  # the parent died before the request: nothing would signal us
+        logger.error("the server process %d is gone; this worker exits", server_pid)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True

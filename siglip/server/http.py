@@ -276,11 +276,12 @@ class RequestGuard:
             await disconnected.wait()
             return {"type": "http.disconnect"}
 
-        response_done = False
+        response_started = response_done = False
 
         async def tracked_send(message: dict[str, Any]) -> None:
-            nonlocal response_done
+            nonlocal response_started, response_done
             await send(message)
+            response_started = True
             if is_last_body(message):
                 response_done = True  # from now on the server reports "disconnect" for a finished exchange
 
@@ -295,6 +296,13 @@ class RequestGuard:
                 app_task.cancel()
                 logger.info("client went away; cancelled %s", scope.get("path"))
             await asyncio.gather(app_task, return_exceptions=client_gone)
+            if client_gone and not response_done:
+                # An answer nobody reads (the server drops it), but the layers above wait for one: BentoML's
+                # timeout middleware held the request, and its in-progress gauge, for its whole timeout.
+                observe.note_error("client_closed")
+                if not response_started:
+                    await send({"type": "http.response.start", "status": observe.CLIENT_CLOSED, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
         finally:
             watch.cancel()
             if not app_task.done():

@@ -1,0 +1,312 @@
+"""Fixes to BentoML's and prometheus_client's process handling, in one place, for the versions they were read from.
+
+Each fixes a fault measured against ``bentoml serve`` (tests/test_faults.py):
+
+- ``arbiter_removes_sockets_last``: on SIGTERM BentoML's arbiter removed the directory holding the model service's
+  Unix socket *before* stopping the workers, so a gateway request that reached the model after the stop began
+  failed with 500 ``UnixClientConnectorError`` (7 of 8 in flight, at random). The directory now goes once every
+  worker has exited.
+- ``bounded_dependency_probe``: the gateway's ``/readyz`` asks the model service's ``/readyz``; a frozen model made
+  it hang (BentoML catches ``aiohttp.ServerTimeoutError``, not the ``TimeoutError`` raised). Now 1 s, then 503.
+- ``own_metrics_dir``: every ``bentoml serve`` emptied the shared ``$BENTOML_HOME/prometheus_multiproc_dir``, so
+  two servers on one host wiped each other's ``/metrics``. Each server now writes under ``server-<pid>/`` there
+  (directories of servers that are gone are removed), and a start that cannot write there, or in the temporary
+  directory, stops at once with one line naming the path and the setting instead of crash-looping.
+- ``allocated_metric_files``: metric files are memory-mapped; on a full disk the first write to a new page killed
+  the worker with SIGBUS, silently, in a restart loop. Their space is now reserved with ``posix_fallocate`` (an
+  ordinary ``OSError``), and a process that cannot get it keeps that file's metrics in memory and says so once.
+- ``dead_workers_leave_gauges``: ``livesum`` gauges (BentoML's ``bentoml_service_request_in_progress``, ours
+  ``siglip_requests_in_flight``) kept the last value of a killed worker forever; each scrape now drops the gauge
+  files of processes that no longer exist, which is what ``prometheus_client.multiprocess.mark_process_dead``
+  is for.
+
+``install()`` applies them once per process; the server's main process and its workers all import the service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import mmap
+import os
+import re
+import shutil
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+logger = logging.getLogger("siglip.patches")
+
+WRITTEN_FOR = {"bentoml": "1.4.40", "prometheus-client": "0.26.0"}
+READY_PROBE_S = 1.0  # the gateway's /readyz waits this long for the model service's
+PREFLIGHT_BYTES = 1 << 20  # a start must be able to reserve this much for metric files
+SERVER_DIR = "server-{pid}"
+SERVER_PID_ENV = "_SIGLIP_SERVER_PID"  # the main `bentoml serve` process, as its workers see it
+_SERVER_DIR_RE = re.compile(r"server-(\d+)$")
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    for package, expected in WRITTEN_FOR.items():
+        found = version(package)
+        if found != expected:
+            logger.warning("siglip.server.patches was written for %s %s, not %s: re-check it against tests/"
+                           "test_faults.py before relying on graceful stops and metrics", package, expected, found)
+    arbiter_removes_sockets_last()
+    bounded_dependency_probe()
+    own_metrics_dir()
+    allocated_metric_files()
+    dead_workers_leave_gauges()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# graceful stop
+# -------------------------------------------------------------------------------------------------------------
+def arbiter_removes_sockets_last() -> None:
+    """BentoML's ``Arbiter.stop`` closes its exit stack (which ``rmtree``s the Unix-socket directory) and then
+    stops the watchers; here the stack closes when ``start`` returns, i.e. after the last worker has exited."""
+    from bentoml._internal.utils import circus as bento_circus
+    from circus.arbiter import Arbiter as CircusArbiter
+
+    def start(self, cb=None) -> None:
+        self.exit_stack.__enter__()
+        try:
+            fut = CircusArbiter.start(self, cb)
+            if exc := fut.exception():
+                raise exc
+        finally:
+            self.exit_stack.__exit__(None, None, None)
+
+    def stop(self):
+        return CircusArbiter.stop(self)
+
+    bento_circus.Arbiter.start = start
+    bento_circus.Arbiter.stop = stop
+
+
+# -------------------------------------------------------------------------------------------------------------
+# readiness
+# -------------------------------------------------------------------------------------------------------------
+def bounded_dependency_probe() -> None:
+    import asyncio
+
+    import aiohttp
+    from _bentoml_impl.client.proxy2 import AsyncClient
+
+    async def is_ready(self, timeout: float | None = None) -> bool:
+        wait = min(timeout or READY_PROBE_S, READY_PROBE_S)
+        try:
+            async with asyncio.timeout(wait):
+                client = await self._session_manager.get_session()
+                async with client.get(self._readyz_endpoint) as resp:
+                    return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    AsyncClient.is_ready = is_ready
+
+
+# -------------------------------------------------------------------------------------------------------------
+# metric files
+# -------------------------------------------------------------------------------------------------------------
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DiskProblem(SystemExit):
+    """A start that cannot write where it must: one line, exit status 1, no traceback, no restart loop."""
+
+    def __init__(self, path: str | os.PathLike[str], exc: OSError, setting: str):
+        super().__init__(f"siglip: cannot write to {path}: {exc.strerror or exc} - free space there or set "
+                         f"{setting} to a writable directory with room")
+
+
+def reserve(path: Path, size: int) -> None:
+    """Write ``size`` bytes' worth of blocks in a scratch file under ``path`` (removed again); OSError if not."""
+    fd, scratch = tempfile.mkstemp(prefix=".siglip-space-", dir=path)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+        os.unlink(scratch)
+
+
+def prepare_metrics_dir(base: Path, pid: int) -> Path:
+    """``base/server-<pid>``, empty, after removing the directories of servers that no longer run; DiskProblem
+    when it cannot be written."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for entry in base.iterdir():
+            match = _SERVER_DIR_RE.match(entry.name)
+            if match and not pid_alive(int(match.group(1))):
+                shutil.rmtree(entry, ignore_errors=True)
+        mine = base / SERVER_DIR.format(pid=pid)
+        shutil.rmtree(mine, ignore_errors=True)
+        mine.mkdir()
+        reserve(mine, PREFLIGHT_BYTES)
+    except OSError as exc:
+        raise DiskProblem(exc.filename or base, exc, "BENTOML_HOME") from None
+    try:
+        reserve(Path(tempfile.gettempdir()), PREFLIGHT_BYTES // 16)  # the model service's socket lives there
+    except OSError as exc:
+        raise DiskProblem(tempfile.gettempdir(), exc, "TMPDIR") from None
+    return mine
+
+
+def own_metrics_dir() -> None:
+    """``bentoml serve`` calls ``bentoml.serving.ensure_prometheus_dir`` in its main process, after importing the
+    service and before starting any worker, and hands the result to every worker as PROMETHEUS_MULTIPROC_DIR."""
+    import bentoml.serving
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    def ensure_prometheus_dir(directory: str | None = None, clean: bool = True, use_alternative: bool = True) -> str:
+        base = Path(directory or BentoMLContainer.prometheus_multiproc_dir.get())
+        mine = prepare_metrics_dir(base, os.getpid())
+        # The workers (started next, with a copy of this environment) exit with this process: drain.py.
+        os.environ[SERVER_PID_ENV] = str(os.getpid())
+        return str(mine.absolute())
+
+    bentoml.serving.ensure_prometheus_dir = ensure_prometheus_dir
+
+
+_reported: set[str] = set()
+
+
+def report_metrics_write(path: str, exc: OSError) -> None:
+    if path in _reported:
+        return
+    _reported.add(path)
+    logger.error("cannot write metrics file %s: %s - this process keeps those metrics in memory (missing from "
+                 "/metrics) until restarted; free space there or set BENTOML_HOME to a disk with room",
+                 path, exc.strerror or exc)
+
+
+def allocated_metric_files() -> None:
+    import prometheus_client.values
+    from prometheus_client import mmap_dict
+
+    class AllocatedMmapedDict(mmap_dict.MmapedDict):
+        """``MmapedDict`` whose file blocks are reserved before they are mapped (a full disk is an OSError here,
+        not a SIGBUS at the first write), falling back to anonymous memory when they cannot be."""
+
+        def __init__(self, filename: str, read_mode: bool = False):
+            if read_mode:
+                super().__init__(filename, read_mode)
+                return
+            self._fname = filename
+            self._f = None
+            self._positions = {}
+            try:
+                self._f = open(filename, "a+b")  # noqa: SIM115 - closed by close(), as in the original
+                capacity = os.fstat(self._f.fileno()).st_size
+                if capacity == 0:
+                    capacity = mmap_dict._INITIAL_MMAP_SIZE
+                    os.posix_fallocate(self._f.fileno(), 0, capacity)
+                self._m = mmap.mmap(self._f.fileno(), capacity, access=mmap.ACCESS_WRITE)
+            except OSError as exc:
+                capacity = mmap_dict._INITIAL_MMAP_SIZE
+                self._to_memory(exc, capacity, b"")
+            self._capacity = capacity
+            self._used = mmap_dict._unpack_integer(self._m, 0)[0]
+            if self._used == 0:
+                self._used = 8
+                mmap_dict._pack_integer(self._m, 0, self._used)
+            else:
+                for key, _, _, pos in self._read_all_values():
+                    self._positions[key] = pos
+
+        def _to_memory(self, exc: OSError, capacity: int, content: bytes) -> None:
+            report_metrics_write(self._fname, exc)
+            if self._f is not None:
+                # Its values would go stale on disk (a livesum gauge stuck), and an empty file breaks every
+                # scrape: it goes.
+                with contextlib.suppress(OSError):
+                    os.unlink(self._fname)
+                self._f.close()
+                self._f = None
+            if getattr(self, "_m", None) is not None:
+                self._m.close()
+            self._m = mmap.mmap(-1, capacity)
+            self._m[:len(content)] = content
+
+        def _init_value(self, key: str) -> None:
+            encoded = key.encode("utf-8")
+            padded = encoded + (b" " * (8 - (len(encoded) + 4) % 8))
+            value = mmap_dict.struct.pack(f"i{len(padded)}sdd".encode(), len(encoded), padded, 0.0, 0.0)
+            if self._used + len(value) > self._capacity:
+                capacity = self._capacity
+                while self._used + len(value) > capacity:
+                    capacity *= 2
+                self._grow(capacity)
+            self._m[self._used:self._used + len(value)] = value
+            self._used += len(value)
+            mmap_dict._pack_integer(self._m, 0, self._used)
+            self._positions[key] = self._used - 16
+
+        def _grow(self, capacity: int) -> None:
+            content = self._m[:self._used]
+            if self._f is not None:
+                try:
+                    os.posix_fallocate(self._f.fileno(), 0, capacity)
+                    self._m = mmap.mmap(self._f.fileno(), capacity)
+                    self._capacity = capacity
+                    return
+                except OSError as exc:
+                    self._to_memory(exc, capacity, content)
+            else:
+                old, self._m = self._m, mmap.mmap(-1, capacity)
+                self._m[:len(content)] = content
+                old.close()
+            self._capacity = capacity
+
+        def close(self) -> None:
+            if self._m is not None:
+                self._m.close()
+                self._m = None
+            if self._f is not None:
+                self._f.close()
+                self._f = None
+
+    prometheus_client.values.MmapedDict = AllocatedMmapedDict
+
+
+def dead_workers_leave_gauges() -> None:
+    from bentoml._internal.server.metrics.prometheus import PrometheusClient
+    from prometheus_client import multiprocess
+
+    original = PrometheusClient.generate_latest
+
+    def generate_latest(self):
+        if self.multiproc:
+            sweep_dead_gauges(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""), multiprocess.mark_process_dead)
+        return original(self)
+
+    PrometheusClient.generate_latest = generate_latest
+
+
+def sweep_dead_gauges(directory: str, mark_dead) -> list[int]:
+    """``mark_dead(pid, directory)`` for every process with live-gauge files there that no longer exists."""
+    if not directory:
+        return []
+    dead = set()
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = Path(path).stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            dead.add(int(pid))
+    for pid in sorted(dead):
+        with contextlib.suppress(OSError):
+            mark_dead(pid, directory)
+    return sorted(dead)
+
+
