@@ -23,6 +23,9 @@ Images (``ImageLike``) are sent as strings; how each kind is turned into one (``
   photo (mind ``SIGLIP_MAX_BODY_BYTES`` for big batches), cost no encoding time, and take the service's GPU
   JPEG decoding path where it has one.
 
+Answers that say "ask again" (429 busy, 503 model loading, restarting or not answering) are retried ``retries``
+times (3 by default) with capped exponential backoff and jitter before ``SiglipError`` is raised.
+
 A single image (or text) and a list of them are told apart by ``list``/``tuple``: anything else is one item.
 Per-request limits (``SIGLIP_MAX_IMAGES_PER_REQUEST``, 64 by default; ``SIGLIP_MAX_TEXTS_PER_REQUEST``,
 1024; ``SIGLIP_MAX_BODY_BYTES``, 64 MiB) are the caller's to respect: split bigger batches yourself, or the
@@ -37,6 +40,7 @@ import errno
 import io
 import json
 import os
+import random
 import re
 import threading
 import time
@@ -55,6 +59,21 @@ __all__ = ["AsyncSiglipClient", "ImageLike", "LabelScore", "SiglipClient", "Sigl
 
 DEFAULT_URL = "http://localhost:3000"
 APIS = ("zero_shot", "image_embedding", "text_embedding", "similarity")
+# The server asks to be asked again: busy (429), or its model is loading, restarting or not answering (503).
+RETRY_STATUSES = frozenset({429, 503})
+
+
+@dataclass(frozen=True)
+class Backoff:
+    attempts: int = 4  # tries per call, the first included
+    base_s: float = 1.0
+    cap_s: float = 20.0
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        """Seconds before retry number ``retry`` (0-based): half the capped exponential step, plus jitter up to
+        the other half, so clients refused together do not come back together."""
+        step = min(self.cap_s, self.base_s * 2 ** retry)
+        return step / 2 + rng.uniform(0, step / 2)
 
 ImageLike: TypeAlias = str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image
 Images: TypeAlias = ImageLike | list[ImageLike] | tuple[ImageLike, ...]
@@ -334,16 +353,19 @@ def _readyz_answer(resp: httpx.Response) -> SiglipError | None:
 class SiglipClient:
     """Blocking client. ``url`` is the service's base URL; ``token`` is sent as ``Authorization: Bearer``
     (servers started with ``SIGLIP_API_TOKEN``); ``timeout`` (seconds) bounds connecting and each wait for
-    the answer's bytes (not the whole call: raise it for big batches on a CPU).
+    the answer's bytes (not the whole call: raise it for big batches on a CPU); ``retries``: how often a call
+    answered 429 or 503 is sent again (after ~1, 2, 4 s, with jitter) before ``SiglipError`` is raised.
 
     Nothing is sent at construction: the first call reads the service's API schema (BentoML's client needs
     it), so a client made before the server is up works once it is; until then calls raise ``SiglipError``
     with status None. Thread-safe; use ``with`` or ``close()``.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 60.0):
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 60.0, retries: int = 3):
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
+        self.backoff = Backoff(attempts=retries + 1)
+        self._rng = random.Random()
         self._token = token
         self._bento: bentoml.SyncHTTPClient | None = None
         self._probe = httpx.Client(base_url=self.url, headers=_auth(token), timeout=self.timeout)
@@ -405,6 +427,16 @@ class SiglipClient:
 
     # -- plumbing -----------------------------------------------------------------------------------------------
     def _run(self, call: Call[T]) -> T:
+        for retry in range(self.backoff.attempts):
+            try:
+                return self._run_once(call)
+            except SiglipError as exc:
+                if exc.status not in RETRY_STATUSES or retry == self.backoff.attempts - 1:
+                    raise
+            time.sleep(self.backoff.delay(retry, self._rng))
+        raise AssertionError("unreachable")
+
+    def _run_once(self, call: Call[T]) -> T:
         client = self._client()
         try:
             raw = client.call(call.api, inputs=call.inputs, parameters=call.parameters)
@@ -461,9 +493,11 @@ class AsyncSiglipClient:
     """The asyncio twin of ``SiglipClient`` (same arguments, methods and errors; ``await`` each call,
     ``async with`` or ``await aclose()``). Use it from one event loop."""
 
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 60.0):
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 60.0, retries: int = 3):
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
+        self.backoff = Backoff(attempts=retries + 1)
+        self._rng = random.Random()
         self._token = token
         self._bento: bentoml.AsyncHTTPClient | None = None
         self._probe = httpx.AsyncClient(base_url=self.url, headers=_auth(token), timeout=self.timeout)
@@ -519,6 +553,16 @@ class AsyncSiglipClient:
             await asyncio.sleep(interval)
 
     async def _run(self, call: Call[T]) -> T:
+        for retry in range(self.backoff.attempts):
+            try:
+                return await self._run_once(call)
+            except SiglipError as exc:
+                if exc.status not in RETRY_STATUSES or retry == self.backoff.attempts - 1:
+                    raise
+            await asyncio.sleep(self.backoff.delay(retry, self._rng))
+        raise AssertionError("unreachable")
+
+    async def _run_once(self, call: Call[T]) -> T:
         client = await self._client()
         try:
             raw = await client.call(call.api, inputs=call.inputs, parameters=call.parameters)

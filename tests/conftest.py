@@ -112,6 +112,11 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # loopback image server
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,7 +206,7 @@ def free_port() -> int:
 class ServiceProcess:
     """``bentoml serve`` from the repo root on a free loopback port, with the given SIGLIP_* settings."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, wrap: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -213,8 +218,9 @@ class ServiceProcess:
         full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1",
                     "BENTOML_HOME": str(home), "SIGLIP_OPENVINO_CACHE_DIR": str(home / "openvino-cache"), **env}
         self._log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process lifetime, closed in stop()
+        # ``wrap``: a command that execs the rest (e.g. unshare + mount), so proc.pid is still bentoml's main process.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [*wrap, sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 180.0) -> ServiceProcess:
@@ -257,9 +263,9 @@ def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServicePro
     end of the session."""
     started: list[ServiceProcess] = []
 
-    def start(ready: bool = True, **env: str) -> ServiceProcess:
+    def start(ready: bool = True, wrap: tuple[str, ...] = (), **env: str) -> ServiceProcess:
         svc = ServiceProcess({"SIGLIP_MODEL": str(tiny_checkpoint), **env},
-                             tmp_path_factory.mktemp("serve") / "serve.log")
+                             tmp_path_factory.mktemp("serve") / "serve.log", wrap)
         started.append(svc)
         return svc.wait_ready() if ready else svc
 

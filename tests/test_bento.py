@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import b64, encode, make_image
+from conftest import b64, cosine, encode, make_image
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -256,11 +256,6 @@ def fresh_venv(extracted, tmp_path_factory) -> Path:
     print(f"fresh venv install: {time.monotonic() - t0:.0f} s")
     run([str(venv / "bin/python"), "-m", "pip", "check"], timeout=120)
     return venv
-
-
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def test_exported_bento_serves_offline_and_drains_on_sigterm(extracted, fresh_venv, reference, tmp_path):

@@ -13,7 +13,7 @@ import json
 import httpx
 import numpy as np
 import pytest
-from conftest import Route, b64, encode, make_image
+from conftest import Route, b64, cosine, encode, make_image
 from PIL import Image
 
 EMBED_DIM = 32  # the tiny checkpoint (the real model has 768)
@@ -90,11 +90,6 @@ def bad(r: httpx.Response, status: int = 400) -> str:
     assert isinstance(body, dict) and set(body) == {"error"}, body
     assert isinstance(body["error"], str) and body["error"], body
     return body["error"]
-
-
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def assert_embeddings(result, expected: np.ndarray) -> None:

@@ -52,7 +52,7 @@ CRD_KINDS = {"ScaledObject"}  # no bundled schema: checked field by field below
 # Names the deployment may set besides SIGLIP_* settings, each read by a library the service runs on.
 OTHER_ENV = {"HF_HOME", "HF_HUB_OFFLINE", "BENTOML_DO_NOT_TRACK"}
 EXTERNAL_PVCS = {"siglip2-weights"}  # created and filled by the operator (README "Model weights")
-AUTOSCALE_METRIC = "bentoml_service_request_in_progress"
+AUTOSCALE_METRIC = "siglip_requests_in_flight"  # the gateway's own gauge (siglip/observe.py)
 SETTING_NAMES = {f"SIGLIP_{f.name.upper()}" for f in dataclasses.fields(Settings)}
 
 
@@ -415,15 +415,11 @@ def test_namespaced_objects_share_the_namespace(variant):
     assert not wrong, f"objects outside namespace {ns}: {wrong}"
 
 
-def probe_paths(docs: list[dict]) -> set[str]:
-    c = container(docs)
-    return {c[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
-
-
-def check_metric_filter(query: str, entry: str, probes: set[str], what: str) -> None:
-    assert f'runner_name="{entry}"' in query, f"{what} must count only the entry service {entry}"
-    excluded = re.search(r'endpoint!~"([^"]*)"', query)
-    assert excluded and probes <= set(excluded.group(1).split("|")), f"{what} counts probe calls {probes}"
+def check_metric_filter(query: str, what: str) -> None:
+    # Only the gateway's API requests are in the gauge (no probes, no model-service calls): nothing to filter, and
+    # a leftover filter on BentoML's labels would match no series at all.
+    assert AUTOSCALE_METRIC in query and "bentoml_" not in query, f"{what} must read {AUTOSCALE_METRIC}"
+    assert "runner_name" not in query and "endpoint" not in query, f"{what} filters on labels the gauge lacks"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -433,7 +429,6 @@ def test_autoscaling_targets_the_service_concurrency(variant):
     facts = service_facts(env)
     target = target_concurrency(facts, env)
     deployment = one(docs, "Deployment")["metadata"]["name"]
-    probes = probe_paths(docs)
     if variant == "keda":
         assert not kinds(docs, "HorizontalPodAutoscaler"), "KEDA owns the HPA: a second one would fight it"
         so = one(docs, "ScaledObject")
@@ -459,7 +454,7 @@ def test_autoscaling_targets_the_service_concurrency(variant):
         assert meta["query"].strip().startswith(f"sum({AUTOSCALE_METRIC}{{"), (
             "KEDA divides the total by the threshold"
         )
-        check_metric_filter(meta["query"], facts["entry"], probes, "the KEDA query")
+        check_metric_filter(meta["query"], "the KEDA query")
         return
     assert not kinds(docs, "ScaledObject")
     hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
@@ -476,32 +471,21 @@ def test_autoscaling_targets_the_service_concurrency(variant):
     )
     assert rule["seriesQuery"].startswith(AUTOSCALE_METRIC + "{")
     assert re.fullmatch(rf"\^?{AUTOSCALE_METRIC}\$?", rule["name"]["matches"])
-    assert rule["metricsQuery"].startswith("sum(<<.Series>>{<<.LabelMatchers>>,"), "one sum per pod"
+    assert rule["metricsQuery"].startswith("sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)"), "one sum per pod"
     assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
-    check_metric_filter(rule["metricsQuery"], facts["entry"], probes, "the adapter rule")
+    check_metric_filter(rule["seriesQuery"] + rule["metricsQuery"].replace("<<.Series>>", AUTOSCALE_METRIC),
+                        "the adapter rule")
     assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
 
-def test_service_exposes_the_autoscaling_metric(start_service, tmp_path):
-    """The series the HPA and KEDA read exists on a real `bentoml serve`, with the labels they filter on."""
+def test_service_exposes_the_autoscaling_metric(service):
+    """The series the HPA and KEDA read exists on a real `bentoml serve`: one per pod, no labels to filter on."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    # Its own BENTOML_HOME: each `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir at start, so
-    # a server started later by another test would wipe the series of one sharing the default home.
-    service = start_service(BENTOML_HOME=str(tmp_path / "bentoml-home"))
     assert service.post("/text_embedding", {"inputs": "a photo of a cat"}).status_code == 200
     text = httpx.get(service.url + "/metrics", timeout=10).text
-    # The series is created when the request enters (the gauge goes up, then down): it is there by now.
-    samples = [
-        s
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-        if s.name == AUTOSCALE_METRIC and s.labels.get("runner_name") == "SiglipGateway"
-    ]
-    assert "/text_embedding" in {s.labels.get("endpoint") for s in samples}, (
-        f'/metrics has no {AUTOSCALE_METRIC}{{runner_name="SiglipGateway",endpoint="/text_embedding"}} '
-        f"after a request; gateway series: {[s.labels for s in samples]}"
-    )
+    samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == AUTOSCALE_METRIC]
+    assert len(samples) == 1 and samples[0].labels == {}, f"/metrics: {AUTOSCALE_METRIC} series {samples}"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import Route, b64, encode, make_image
+from conftest import Route, b64, cosine, encode, make_image
 
 COS_MIN = 0.9999
 EMBED_DIM = 32  # the tiny checkpoint's embedding size
@@ -24,11 +24,6 @@ IMAGE_TOKENS = (64 // 16) ** 2  # tiny checkpoint: 64x64 images, patch 16
 LANGCHAIN_FLAG = "check_embedding_ctx_length=False"
 TEXTS = ["a photo of a cat", "Rustic OAK wood flooring", "x"]
 LONG_TEXT = " ".join(["ceramic floor tile"] * 60)  # far more than 64 tokens
-
-
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def client_for(svc, api_key: str = "unused", **kw) -> openai.OpenAI:

@@ -23,11 +23,12 @@ from typing import Protocol
 
 import numpy as np
 
-from siglip.client import SiglipError
+from siglip.client import Backoff, SiglipError
 from siglip.index.sources import Failure, Item
 from siglip.index.store import CatalogStore, StoreError
 
 RETRYABLE = frozenset({None, 429, 502, 503, 504})
+INDEX_BACKOFF = Backoff(attempts=8, base_s=0.5)  # a long build rides out a restarting server
 ITEM_LEVEL = frozenset({400, 413, 422, 500})
 
 
@@ -37,19 +38,6 @@ class ImageEmbedder(Protocol):
 
 class BuildAborted(Exception):
     """The build cannot go on (server unreachable or overloaded past the retries, auth, wrong URL, store)."""
-
-
-@dataclass(frozen=True)
-class Backoff:
-    attempts: int = 8  # tries per request, the first included
-    base_s: float = 0.5
-    cap_s: float = 20.0
-
-    def delay(self, retry: int, rng: random.Random) -> float:
-        """Seconds before retry number ``retry`` (0-based): half the capped exponential step, plus jitter up to
-        the other half, so clients refused together do not come back together."""
-        step = min(self.cap_s, self.base_s * 2 ** retry)
-        return step / 2 + rng.uniform(0, step / 2)
 
 
 class Window:
@@ -114,7 +102,7 @@ def _status_key(status: int | None) -> str:
 
 class Builder:
     def __init__(self, client: ImageEmbedder, store: CatalogStore, stats: BuildStats, *,
-                 backoff: Backoff = Backoff(), progress: Callable[[int], None] = lambda n: None,
+                 backoff: Backoff = INDEX_BACKOFF, progress: Callable[[int], None] = lambda n: None,
                  seed: int | None = None):
         self.client, self.store, self.stats = client, store, stats
         self.backoff, self.progress = backoff, progress

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from siglip.index.store import DEFAULT_INDEX_THRESHOLD
@@ -112,7 +113,7 @@ async def _run_build(args, store, todo, stats, signals: list[int]) -> None:
     from tqdm import tqdm
 
     from siglip.client import AsyncSiglipClient
-    from siglip.index.build import Backoff, Builder
+    from siglip.index.build import INDEX_BACKOFF, Builder
 
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -131,8 +132,10 @@ async def _run_build(args, store, todo, stats, signals: list[int]) -> None:
             bar.set_postfix(failed=len(stats.failures), refresh=False)
 
     try:
-        async with AsyncSiglipClient(args.server, token=args.token, timeout=args.timeout) as client:
-            builder = Builder(client, store, stats, backoff=Backoff(attempts=args.tries), progress=progress)
+        # retries=0: the builder retries itself, and narrows its window on 429s
+        async with AsyncSiglipClient(args.server, token=args.token, timeout=args.timeout, retries=0) as client:
+            builder = Builder(client, store, stats, backoff=replace(INDEX_BACKOFF, attempts=args.tries),
+                              progress=progress)
             await builder.run(todo, args.batch_size, args.concurrency)
     finally:
         bar.close()
