@@ -43,13 +43,15 @@ from siglip.settings import get_settings
 
 # Before BentoML builds anything: graceful stops, bounded readiness probes, per-server metric files.
 patches.install()
-if bentoml.server_context.worker_index is not None:  # a worker: it must not outlive the main process
-    exit_with_server(int(os.environ[patches.SERVER_PID_ENV]) if patches.SERVER_PID_ENV in os.environ else None)
 
 # BentoML's logging setup leaves the root logger at WARNING: give our own loggers a level so the
 # "loaded model" and error lines are printed.
 logging.getLogger("siglip").setLevel(logging.INFO)
 logger = logging.getLogger("siglip.service")
+if bentoml.server_context.worker_index is not None and not exit_with_server(  # a worker: not outliving the server
+        int(os.environ[patches.SERVER_PID_ENV]) if patches.SERVER_PID_ENV in os.environ else None):
+    logger.warning("this worker could not ask to exit with its server process (PR_SET_PDEATHSIG): if the main "
+                   "process is killed, stop its workers by hand")
 
 settings = get_settings()
 # Both services' servers: keep-alive, header limits and deadline, connection cap (the gateway's clients and its
@@ -176,7 +178,11 @@ class BentoModelClient:
 
     def __init__(self, proxy: Any, stall_after_s: float):
         self._proxy = proxy
-        self.watch = ModelWatch(lambda: proxy.is_ready(), stall_after_s)
+        # Any answer of its /livez, even an error, shows the process is alive (siglip.server.patches.siglip_probe).
+        self.watch = ModelWatch(lambda: self._alive(), stall_after_s)
+
+    async def _alive(self) -> bool:
+        return await self._proxy.to_async.siglip_probe("/livez") is not None
 
     async def status(self) -> dict:
         return await self._call("info")
@@ -203,7 +209,9 @@ class BentoModelClient:
             except BentoMLException as exc:
                 if int(getattr(exc, "error_code", 500)) == 503:
                     if name == "info" or MODEL_LOADING in str(exc):
-                        raise NotReady("the model service is (re)starting and not loaded yet; retry shortly",
+                        # The model's own words ("model not loaded: <its load error, or still loading>").
+                        detail = str(exc).partition(MODEL_LOADING)[2].strip(' :"}\n') or "still loading"
+                        raise NotReady(f"the model service is (re)starting and not loaded: {detail}; retry shortly",
                                        reason="model_loading") from None
                     raise Overloaded("model queue is full (SIGLIP_MAX_LATENCY_MS); retry shortly") from None
                 raise

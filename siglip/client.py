@@ -66,7 +66,8 @@ RETRY_STATUSES = frozenset({429, 503})
 @dataclass(frozen=True)
 class Backoff:
     attempts: int = 4  # tries per call, the first included
-    base_s: float = 1.0
+    base_s: float = 2.0  # ~1-2, 2-4, 4-8 s: a restarted model worker is back in seconds (BentoML's client hides
+    # the server's Retry-After)
     cap_s: float = 20.0
 
     def delay(self, retry: int, rng: random.Random) -> float:
@@ -354,7 +355,7 @@ class SiglipClient:
     """Blocking client. ``url`` is the service's base URL; ``token`` is sent as ``Authorization: Bearer``
     (servers started with ``SIGLIP_API_TOKEN``); ``timeout`` (seconds) bounds connecting and each wait for
     the answer's bytes (not the whole call: raise it for big batches on a CPU); ``retries``: how often a call
-    answered 429 or 503 is sent again (after ~1, 2, 4 s, with jitter) before ``SiglipError`` is raised.
+    answered 429 or 503 is sent again (after 1-2, 2-4, 4-8 s) before ``SiglipError`` is raised.
 
     Nothing is sent at construction: the first call reads the service's API schema (BentoML's client needs
     it), so a client made before the server is up works once it is; until then calls raise ``SiglipError``

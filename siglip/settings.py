@@ -54,8 +54,8 @@ class Settings:
     gateway_workers: int = 1
     decode_threads: int = 4  # image decode/resize threads per gateway worker
     request_timeout_s: float = 120.0  # whole-request deadline (504 past it); sized for big CPU batches
-    model_stall_timeout_s: float = 10.0  # the model service's health check unanswered this long: its calls fail
-    # with 503 instead of waiting for the deadline (frozen, swapping or restarting worker)
+    model_stall_timeout_s: float = 10.0  # the model service's process answering nothing this long: its calls fail
+    # with 503 instead of waiting for the deadline (frozen, swapping or vanished worker)
     max_concurrency: int = 256  # requests in flight per gateway worker before 429
     keep_alive_s: float = 75.0  # idle HTTP connections kept open (longer than clients' and load balancers'); 0:
     # BentoML's 5 s

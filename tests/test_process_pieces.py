@@ -72,17 +72,19 @@ def test_watch_fails_calls_in_flight_and_new_ones_while_stalled_then_recovers():
 # ---------------------------------------------------------------------------------------------------------------
 # metric files
 # ---------------------------------------------------------------------------------------------------------------
-def test_metrics_dir_is_per_server_and_dead_servers_dirs_go(tmp_path):
+def test_metrics_dir_is_per_server_locked_and_dead_servers_dirs_go(tmp_path):
     base = tmp_path / "prometheus_multiproc_dir"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (base / f"server-{dead.pid}").mkdir(parents=True)
-    (base / f"server-{dead.pid}" / "counter_1.db").write_bytes(b"x")
-    alive = base / f"server-{os.getppid()}"
-    alive.mkdir()
-    mine = patches.prepare_metrics_dir(base, os.getpid())
-    assert mine == base / f"server-{os.getpid()}" and mine.is_dir() and not list(mine.iterdir())
-    assert not (base / f"server-{dead.pid}").exists() and alive.exists()
+    first, first_lock = patches.prepare_metrics_dir(base, 1)  # PID 1 twice: containers sharing a volume
+    second, second_lock = patches.prepare_metrics_dir(base, 1)
+    assert first != second and first.name.startswith("server-1-") and first.is_dir() and second.is_dir()
+    assert [p.name for p in second.iterdir()] == [".lock"]
+    (base / "server-7-old").mkdir()  # no lock file: a server from before, gone
+    os.close(first_lock)  # the first server exits
+    third, third_lock = patches.prepare_metrics_dir(base, 2)
+    assert not first.exists() and not (base / "server-7-old").exists(), "dead servers' directories stay"
+    assert second.exists() and third.exists(), "a running server's directory was removed"
+    os.close(second_lock)
+    os.close(third_lock)
 
 
 def test_a_start_that_cannot_write_is_one_line_and_exit_1(tmp_path, monkeypatch):
@@ -92,14 +94,17 @@ def test_a_start_that_cannot_write_is_one_line_and_exit_1(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(SystemExit) as info:
         patches.prepare_metrics_dir(tmp_path / "m", 12345)
+    assert info.value.code != 0
     message = str(info.value.code)
     assert "\n" not in message and "No space left on device" in message and "BENTOML_HOME" in message
     assert str(tmp_path / "m") in message
 
 
 def test_metric_file_that_cannot_be_allocated_falls_back_to_memory(tmp_path, monkeypatch, caplog):
-    patches.allocated_metric_files()
     import prometheus_client.values
+
+    monkeypatch.setattr(prometheus_client.values, "MmapedDict", prometheus_client.values.MmapedDict)  # restored after
+    patches.allocated_metric_files()
 
     cls = prometheus_client.values.MmapedDict
     ok = cls(str(tmp_path / "counter_1.db"))

@@ -9,9 +9,10 @@ Each fixes a fault measured against ``bentoml serve`` (tests/test_faults.py):
 - ``bounded_dependency_probe``: the gateway's ``/readyz`` asks the model service's ``/readyz``; a frozen model made
   it hang (BentoML catches ``aiohttp.ServerTimeoutError``, not the ``TimeoutError`` raised). Now 1 s, then 503.
 - ``own_metrics_dir``: every ``bentoml serve`` emptied the shared ``$BENTOML_HOME/prometheus_multiproc_dir``, so
-  two servers on one host wiped each other's ``/metrics``. Each server now writes under ``server-<pid>/`` there
-  (directories of servers that are gone are removed), and a start that cannot write there, or in the temporary
-  directory, stops at once with one line naming the path and the setting instead of crash-looping.
+  two servers on one host wiped each other's ``/metrics``. Each server now writes under a ``server-<pid>-*/``
+  directory of its own there, locked while it runs (directories of servers that are gone are removed), and a start
+  that cannot write there, or in the temporary directory, stops at once with one line naming the path and the
+  setting instead of crash-looping.
 - ``allocated_metric_files``: metric files are memory-mapped; on a full disk the first write to a new page killed
   the worker with SIGBUS, silently, in a restart loop. Their space is now reserved with ``posix_fallocate`` (an
   ordinary ``OSError``), and a process that cannot get it keeps that file's metrics in memory and says so once.
@@ -26,11 +27,11 @@ Each fixes a fault measured against ``bentoml serve`` (tests/test_faults.py):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import logging
 import mmap
 import os
-import re
 import shutil
 import tempfile
 from importlib.metadata import version
@@ -41,9 +42,9 @@ logger = logging.getLogger("siglip.patches")
 WRITTEN_FOR = {"bentoml": "1.4.40", "prometheus-client": "0.26.0"}
 READY_PROBE_S = 1.0  # the gateway's /readyz waits this long for the model service's
 PREFLIGHT_BYTES = 1 << 20  # a start must be able to reserve this much for metric files
-SERVER_DIR = "server-{pid}"
+SERVER_DIR_PREFIX = "server-{pid}-"
+LOCK_FILE = ".lock"
 SERVER_PID_ENV = "_SIGLIP_SERVER_PID"  # the main `bentoml serve` process, as its workers see it
-_SERVER_DIR_RE = re.compile(r"server-(\d+)$")
 _installed = False
 
 
@@ -93,27 +94,46 @@ def arbiter_removes_sockets_last() -> None:
 # readiness
 # -------------------------------------------------------------------------------------------------------------
 def bounded_dependency_probe() -> None:
+    """``AsyncClient.siglip_probe(path)``: the status of GET ``path`` on the dependency within ``READY_PROBE_S``, or
+    None, over a connection pool of its own (a probe never queues behind model calls that fill the shared pool);
+    ``is_ready`` (the gateway's /readyz) uses it."""
     import asyncio
 
     import aiohttp
     from _bentoml_impl.client.proxy2 import AsyncClient
 
-    async def is_ready(self, timeout: float | None = None) -> bool:
-        wait = min(timeout or READY_PROBE_S, READY_PROBE_S)
+    async def siglip_probe(self, path: str) -> int | None:
+        session = getattr(self, "_siglip_probe_session", None)
+        if session is None or session.closed:
+            session = self._siglip_probe_session = self._session_manager._make_client()
         try:
-            async with asyncio.timeout(wait):
-                client = await self._session_manager.get_session()
-                async with client.get(self._readyz_endpoint) as resp:
-                    return resp.status == 200
+            async with asyncio.timeout(READY_PROBE_S), session.get(path) as resp:
+                return resp.status
         except (TimeoutError, aiohttp.ClientError, OSError):
-            return False
+            return None
 
+    async def is_ready(self, timeout: float | None = None) -> bool:
+        return await self.siglip_probe(self._readyz_endpoint) == 200
+
+    original_close = AsyncClient.close
+
+    async def close(self) -> None:
+        session = getattr(self, "_siglip_probe_session", None)
+        if session is not None:
+            await session.close()
+        await original_close(self)
+
+    AsyncClient.siglip_probe = siglip_probe
     AsyncClient.is_ready = is_ready
+    AsyncClient.close = close
 
 
 # -------------------------------------------------------------------------------------------------------------
 # metric files
 # -------------------------------------------------------------------------------------------------------------
+_held: list[int] = []
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -142,26 +162,45 @@ def reserve(path: Path, size: int) -> None:
         os.unlink(scratch)
 
 
-def prepare_metrics_dir(base: Path, pid: int) -> Path:
-    """``base/server-<pid>``, empty, after removing the directories of servers that no longer run; DiskProblem
-    when it cannot be written."""
+def prepare_metrics_dir(base: Path, pid: int) -> tuple[Path, int]:
+    """A new, empty ``base/server-<pid>-<random>`` and the descriptor holding its lock, after removing the
+    directories of servers that no longer run; DiskProblem when it cannot be written.
+
+    A server holds an exclusive ``flock`` on its directory's ``.lock`` for as long as it runs, so a directory whose
+    lock can be taken belongs to a server that is gone, whatever PID namespace it ran in (containers sharing one
+    BENTOML_HOME volume all see their main process as PID 1)."""
     try:
         base.mkdir(parents=True, exist_ok=True)
         for entry in base.iterdir():
-            match = _SERVER_DIR_RE.match(entry.name)
-            if match and not pid_alive(int(match.group(1))):
+            if entry.name.startswith("server-") and entry.is_dir() and not locked(entry / LOCK_FILE):
                 shutil.rmtree(entry, ignore_errors=True)
-        mine = base / SERVER_DIR.format(pid=pid)
-        shutil.rmtree(mine, ignore_errors=True)
-        mine.mkdir()
+        mine = Path(tempfile.mkdtemp(prefix=SERVER_DIR_PREFIX.format(pid=pid), dir=base))
+        lock_fd = os.open(mine / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         reserve(mine, PREFLIGHT_BYTES)
     except OSError as exc:
         raise DiskProblem(exc.filename or base, exc, "BENTOML_HOME") from None
+    tmp = os.environ.get("TMPDIR") or "/tmp"
     try:
         reserve(Path(tempfile.gettempdir()), PREFLIGHT_BYTES // 16)  # the model service's socket lives there
     except OSError as exc:
-        raise DiskProblem(tempfile.gettempdir(), exc, "TMPDIR") from None
-    return mine
+        raise DiskProblem(exc.filename or tmp, exc, "TMPDIR") from None
+    return mine, lock_fd
+
+
+def locked(lock_file: Path) -> bool:
+    """Whether a running server holds ``lock_file`` (a directory without one is from before this scheme: gone)."""
+    try:
+        fd = os.open(lock_file, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock just taken, if any
+    return False
 
 
 def own_metrics_dir() -> None:
@@ -172,7 +211,8 @@ def own_metrics_dir() -> None:
 
     def ensure_prometheus_dir(directory: str | None = None, clean: bool = True, use_alternative: bool = True) -> str:
         base = Path(directory or BentoMLContainer.prometheus_multiproc_dir.get())
-        mine = prepare_metrics_dir(base, os.getpid())
+        mine, lock_fd = prepare_metrics_dir(base, os.getpid())
+        _held.append(lock_fd)  # held, and so the lock, until this process exits
         # The workers (started next, with a copy of this environment) exit with this process: drain.py.
         os.environ[SERVER_PID_ENV] = str(os.getpid())
         return str(mine.absolute())
@@ -208,7 +248,9 @@ def allocated_metric_files() -> None:
             self._f = None
             self._positions = {}
             try:
-                self._f = open(filename, "a+b")  # noqa: SIM115 - closed by close(), as in the original
+                # Not append mode (the original's "a+b"): glibc's posix_fallocate emulation, used on file systems
+                # without a native fallocate, refuses O_APPEND descriptors.
+                self._f = os.fdopen(os.open(filename, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
                 capacity = os.fstat(self._f.fileno()).st_size
                 if capacity == 0:
                     capacity = mmap_dict._INITIAL_MMAP_SIZE
