@@ -112,6 +112,19 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def wait_for(predicate: Callable, deadline_s: float, what: str, log: Callable[[], str] = lambda: ""):
+    """Poll ``predicate`` until it returns something truthy (returned) or ``deadline_s`` passes (AssertionError
+    naming ``what``, the last value and the tail of ``log()``)."""
+    deadline = time.monotonic() + deadline_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {deadline_s} s (last: {last!r})\n{log()[-4000:]}")
+
+
 def cosine(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,22 +20,11 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import Route, b64, cosine, encode, make_image
+from conftest import Route, b64, cosine, encode, make_image, wait_for
 
 STOPS = int(os.environ.get("SIGLIP_FAULT_STOPS", "10"))
 COS_MIN = 0.999
 STALL_S = 3  # SIGLIP_MODEL_STALL_TIMEOUT_S of the fault server
-
-
-def wait_for(predicate, deadline_s: float, what: str, log=lambda: ""):
-    deadline = time.monotonic() + deadline_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {deadline_s} s (last: {last!r})\n{log()[-4000:]}")
 
 
 def status_of(url: str, timeout: float = 10) -> int | None:

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import b64, encode, make_image
+from conftest import b64, encode, make_image, wait_for
 
 READY_WATCH_S = 5.0  # how long /readyz must stay 503 once the gateway is up
 FAILURE_DEADLINE_S = 120.0  # the load failure must be reported within this
@@ -18,17 +18,6 @@ def _get(url: str) -> int | None:
         return httpx.get(url, timeout=5).status_code
     except httpx.HTTPError:
         return None
-
-
-def _wait_for(predicate, deadline_s: float, what: str, log=lambda: ""):
-    deadline = time.monotonic() + deadline_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"{what} not within {deadline_s} s (last: {last!r})\n{log()}")
 
 
 def test_readyz_on_the_good_service(service):
@@ -55,7 +44,7 @@ def broken(start_service):
 
 
 def test_model_that_cannot_load_keeps_service_not_ready(broken):
-    _wait_for(lambda: _get(broken.url + "/livez") == 200, 120, "gateway answering /livez", broken.log)
+    wait_for(lambda: _get(broken.url + "/livez") == 200, 120, "gateway answering /livez", broken.log)
     # Live, but never ready: poll for a while, every answer must be 503.
     deadline = time.monotonic() + READY_WATCH_S
     seen = []
@@ -67,7 +56,7 @@ def test_model_that_cannot_load_keeps_service_not_ready(broken):
 
 
 def test_api_call_on_a_model_that_cannot_load_answers_503_with_the_reason(broken):
-    _wait_for(lambda: _get(broken.url + "/livez") == 200, 120, "gateway answering /livez", broken.log)
+    wait_for(lambda: _get(broken.url + "/livez") == 200, 120, "gateway answering /livez", broken.log)
     answers = []
 
     def failure_reported():
@@ -79,7 +68,7 @@ def test_api_call_on_a_model_that_cannot_load_answers_503_with_the_reason(broken
         assert r.headers.get("retry-after"), r.headers
         return "failed" in body["error"] and body["error"]
 
-    msg = _wait_for(failure_reported, FAILURE_DEADLINE_S, "the load failure in the API's answer", broken.log)
+    msg = wait_for(failure_reported, FAILURE_DEADLINE_S, "the load failure in the API's answer", broken.log)
     assert "/nonexistent/dir" in msg, msg
     image = b64(encode(make_image(900)))
     for path, body in (("/zero_shot", {"inputs": image, "parameters": {"candidate_labels": ["a", "b"]}}),
@@ -97,7 +86,7 @@ def test_log_says_why_the_model_did_not_load(broken):
         log = broken.log_path.read_text(errors="replace")
         return "failed to load" in log and log
 
-    log = _wait_for(logged, FAILURE_DEADLINE_S, "the load failure in the log", broken.log)
+    log = wait_for(logged, FAILURE_DEADLINE_S, "the load failure in the log", broken.log)
     line = next(x for x in log.splitlines() if "failed to load" in x)
     assert "/nonexistent/dir" in line and "ERROR" in line, line
     assert "Error" in log.split(line, 1)[1], "the exception (type and message) follows the log line"
