@@ -38,7 +38,7 @@ from siglip.server.connections import ConnectionLimits, install_connection_limit
 from siglip.server.docs_page import DocsPage
 from siglip.server.drain import exit_with_server, hold_sigterm_until_callers_exit
 from siglip.server.http import RequestGuard, answer
-from siglip.server.model_gate import ModelGate
+from siglip.server.model_gate import ModelGate, model_loading_detail
 from siglip.settings import get_settings
 
 # Before BentoML builds anything: graceful stops, bounded readiness probes, per-server metric files.
@@ -209,8 +209,7 @@ class BentoModelClient:
             except BentoMLException as exc:
                 if int(getattr(exc, "error_code", 500)) == 503:
                     if name == "info" or MODEL_LOADING in str(exc):
-                        # The model's own words ("model not loaded: <its load error, or still loading>").
-                        detail = str(exc).partition(MODEL_LOADING)[2].strip(' :"}\n') or "still loading"
+                        detail = model_loading_detail(str(exc))
                         raise NotReady(f"the model service is (re)starting and not loaded: {detail}; retry shortly",
                                        reason="model_loading") from None
                     raise Overloaded("model queue is full (SIGLIP_MAX_LATENCY_MS); retry shortly") from None

@@ -24,7 +24,7 @@ Images (``ImageLike``) are sent as strings; how each kind is turned into one (``
   JPEG decoding path where it has one.
 
 Answers that say "ask again" (429 busy, 503 model loading, restarting or not answering) are retried ``retries``
-times (3 by default) with capped exponential backoff and jitter before ``SiglipError`` is raised.
+times (5 by default, 25-50 s in all) with capped exponential backoff and jitter before ``SiglipError`` is raised.
 
 A single image (or text) and a list of them are told apart by ``list``/``tuple``: anything else is one item.
 Per-request limits (``SIGLIP_MAX_IMAGES_PER_REQUEST``, 64 by default; ``SIGLIP_MAX_TEXTS_PER_REQUEST``,
@@ -66,8 +66,8 @@ RETRY_STATUSES = frozenset({429, 503})
 @dataclass(frozen=True)
 class Backoff:
     attempts: int = 4  # tries per call, the first included
-    base_s: float = 2.0  # ~1-2, 2-4, 4-8 s: a restarted model worker is back in seconds (BentoML's client hides
-    # the server's Retry-After)
+    base_s: float = 2.0  # 1-2, 2-4, 4-8, 8-16, 10-20 s with 5 retries: 25-50 s in all, more than a model worker's
+    # restart (13-18 s measured on a CPU); BentoML's client hides the server's Retry-After
     cap_s: float = 20.0
 
     def delay(self, retry: int, rng: random.Random) -> float:
@@ -355,14 +355,15 @@ class SiglipClient:
     """Blocking client. ``url`` is the service's base URL; ``token`` is sent as ``Authorization: Bearer``
     (servers started with ``SIGLIP_API_TOKEN``); ``timeout`` (seconds) bounds connecting and each wait for
     the answer's bytes (not the whole call: raise it for big batches on a CPU); ``retries``: how often a call
-    answered 429 or 503 is sent again (after 1-2, 2-4, 4-8 s) before ``SiglipError`` is raised.
+    answered 429 or 503 is sent again (after 1-2, 2-4, 4-8, 8-16, 10-20 s: 25-50 s in all) before ``SiglipError``
+    is raised.
 
     Nothing is sent at construction: the first call reads the service's API schema (BentoML's client needs
     it), so a client made before the server is up works once it is; until then calls raise ``SiglipError``
     with status None. Thread-safe; use ``with`` or ``close()``.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 60.0, retries: int = 3):
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 60.0, retries: int = 5):
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
         self.backoff = Backoff(attempts=retries + 1)
@@ -494,7 +495,7 @@ class AsyncSiglipClient:
     """The asyncio twin of ``SiglipClient`` (same arguments, methods and errors; ``await`` each call,
     ``async with`` or ``await aclose()``). Use it from one event loop."""
 
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 60.0, retries: int = 3):
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 60.0, retries: int = 5):
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
         self.backoff = Backoff(attempts=retries + 1)

@@ -220,7 +220,7 @@ def test_abandoned_requests_and_a_killed_gateway_worker_leave_no_in_flight_count
     """Clients that send a request and hang up, then a gateway worker killed with requests in flight: the requests-
     in-flight gauges (ours and BentoML's) return to 0 when idle (before: 500 held ~126 s; a dead worker's count
     forever), and the server answers."""
-    url = image_server.add("/abandoned.png", Route(encode(make_image(32)), delay_s=5))
+    url = image_server.add("/abandoned.png", Route(encode(make_image(32)), delay_s=30))  # in flight until hung up
     body = f'{{"inputs": ["{url}"]}}'.encode()
     request = (b"POST /image_embedding HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))

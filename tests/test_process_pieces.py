@@ -69,6 +69,46 @@ def test_watch_fails_calls_in_flight_and_new_ones_while_stalled_then_recovers():
     asyncio.run(main())
 
 
+def test_a_probe_that_raises_does_not_leave_the_watch_stalled():
+    async def main():
+        state = {"calls": 0, "answering": False}
+
+        async def probe():
+            state["calls"] += 1
+            if state["calls"] == 3:
+                raise RuntimeError("session closed")
+            return state["answering"]
+
+        watch = ModelWatch(probe, stall_after_s=0.05, interval_s=0.01)
+        with pytest.raises(NotReady):
+            await asyncio.wait_for(watch.run(asyncio.Event().wait()), timeout=10)
+        while state["calls"] < 3:  # the watcher survives the raising probe (it counts as no answer)
+            await asyncio.sleep(0.01)
+        watch._task.cancel()  # a watcher that ended anyway...
+        await asyncio.gather(watch._task, return_exceptions=True)
+        with pytest.raises(NotReady):  # ...is started again by the next refused call
+            await watch.run(asyncio.sleep(0))
+        state["answering"] = True
+        for _ in range(1000):
+            if not watch.stalled.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert await watch.run(asyncio.sleep(0, result="ok")) == "ok"
+
+    asyncio.run(main())
+
+
+def test_the_model_loading_detail_is_read_from_the_503_body():
+    import orjson
+
+    from siglip.server.model_gate import model_loading_detail
+
+    body = orjson.dumps({"error": 'model not loaded: loading /m failed: OSError: no "config.json"\nthere'}).decode()
+    assert model_loading_detail(body) == 'loading /m failed: OSError: no "config.json"\nthere'
+    assert model_loading_detail('{"error": "model not loaded: still loading"}') == "still loading"
+    assert model_loading_detail("not json") == "still loading"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # metric files
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,8 +134,8 @@ def test_a_start_that_cannot_write_is_one_line_and_exit_1(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(SystemExit) as info:
         patches.prepare_metrics_dir(tmp_path / "m", 12345)
-    assert info.value.code != 0
-    message = str(info.value.code)
+    assert isinstance(info.value.code, str), "a message: Python prints it and exits with status 1"
+    message = info.value.code
     assert "\n" not in message and "No space left on device" in message and "BENTOML_HOME" in message
     assert str(tmp_path / "m") in message
 

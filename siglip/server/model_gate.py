@@ -41,3 +41,13 @@ class ModelGate:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+
+def model_loading_detail(body: str) -> str:
+    """The gateway's reading of that 503's body: the model's own words after "model not loaded:" (its load error,
+    or "still loading")."""
+    try:
+        text = orjson.loads(body).get("error", "")
+    except (orjson.JSONDecodeError, AttributeError):
+        text = body
+    return str(text).partition(MODEL_LOADING)[2].lstrip(": ").strip() or "still loading"

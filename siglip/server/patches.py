@@ -103,13 +103,15 @@ def bounded_dependency_probe() -> None:
     from _bentoml_impl.client.proxy2 import AsyncClient
 
     async def siglip_probe(self, path: str) -> int | None:
+        if getattr(self, "_siglip_closed", False):
+            return None
         session = getattr(self, "_siglip_probe_session", None)
         if session is None or session.closed:
             session = self._siglip_probe_session = self._session_manager._make_client()
         try:
             async with asyncio.timeout(READY_PROBE_S), session.get(path) as resp:
                 return resp.status
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError, RuntimeError):  # RuntimeError: session closed
             return None
 
     async def is_ready(self, timeout: float | None = None) -> bool:
@@ -118,6 +120,7 @@ def bounded_dependency_probe() -> None:
     original_close = AsyncClient.close
 
     async def close(self) -> None:
+        self._siglip_closed = True
         session = getattr(self, "_siglip_probe_session", None)
         if session is not None:
             await session.close()
@@ -174,9 +177,13 @@ def prepare_metrics_dir(base: Path, pid: int) -> tuple[Path, int]:
         for entry in base.iterdir():
             if entry.name.startswith("server-") and entry.is_dir() and not locked(entry / LOCK_FILE):
                 shutil.rmtree(entry, ignore_errors=True)
-        mine = Path(tempfile.mkdtemp(prefix=SERVER_DIR_PREFIX.format(pid=pid), dir=base))
-        lock_fd = os.open(mine / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Made under a name the scan above skips, locked, then renamed (the lock goes with it): another server
+        # starting at the same moment never sees an unlocked directory of ours.
+        pending = Path(tempfile.mkdtemp(prefix=".pending-", dir=base))
+        lock_fd = os.open(pending / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        mine = base / f"{SERVER_DIR_PREFIX.format(pid=pid)}{pending.name.removeprefix('.pending-')}"
+        os.rename(pending, mine)
         reserve(mine, PREFLIGHT_BYTES)
     except OSError as exc:
         raise DiskProblem(exc.filename or base, exc, "BENTOML_HOME") from None
@@ -189,11 +196,14 @@ def prepare_metrics_dir(base: Path, pid: int) -> tuple[Path, int]:
 
 
 def locked(lock_file: Path) -> bool:
-    """Whether a running server holds ``lock_file`` (a directory without one is from before this scheme: gone)."""
+    """Whether a running server holds ``lock_file``: False only when the lock can be taken, or there is none (a
+    directory from before this scheme); any other error counts as in use."""
     try:
-        fd = os.open(lock_file, os.O_RDWR)
-    except OSError:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
