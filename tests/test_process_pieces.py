@@ -213,3 +213,37 @@ def test_client_retries_429_and_503_and_nothing_else():
             asyncio.run(client.aclose())
         else:
             client.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a fault found on the way: the model service's threads sharing one tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+def test_tokenizer_calls_from_several_threads_do_not_mix_their_settings(tiny_checkpoint):
+    """A padded batch in one thread and unpadded counts in another: without SerialTokenizer the counts came back
+    padded to 64 (15 of 20,000 here) and batches ragged."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from siglip.model.text import SerialTokenizer, token_counts, tokenize
+
+    tokenizer = SerialTokenizer(AutoTokenizer.from_pretrained(tiny_checkpoint))
+    stop, errors = threading.Event(), []
+
+    def batches():
+        while not stop.is_set():
+            try:
+                assert tokenize(tokenizer, ["a cat", "b"]).shape == (2, 64)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=batches)
+    thread.start()
+    try:
+        counts = [tuple(token_counts(tokenizer, ["a cat", ""])) for _ in range(20000)]
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors[:1]
+    assert set(counts) == {tuple(token_counts(tokenizer, ["a cat", ""]))} and counts[0][1] == 1, set(counts)

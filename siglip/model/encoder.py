@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from siglip.api.images import tiny_jpeg
-from siglip.model.text import TEXT_MAX_LENGTH, token_counts, tokenize
+from siglip.model.text import TEXT_MAX_LENGTH, SerialTokenizer, token_counts, tokenize
 
 logger = logging.getLogger("siglip.encoder")
 RESIZE_CHUNK_BYTES = 256 * 1024 * 1024  # float32 pixels resized in one call on the model's device
@@ -166,7 +166,7 @@ class SiglipEncoder:
         self._pixel_add = (-mean / std).view(1, 3, 1, 1).to(device)
 
         self._torch = torch
-        self._tokenizer = tokenizer
+        self._tokenizer = SerialTokenizer(tokenizer)  # batch and count threads share it
         self._device = torch.device(device)
         self._size = (height, width)
         embed_dim = int(model.config.vision_config.hidden_size)

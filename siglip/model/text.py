@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,3 +40,21 @@ def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     encoded = tokenizer([normalize_text(t) for t in texts], truncation=True, max_length=TEXT_MAX_LENGTH,
                         return_attention_mask=False)
     return [len(row) for row in encoded["input_ids"]]
+
+
+class SerialTokenizer:
+    """A tokenizer that runs one call at a time. A Hugging Face fast tokenizer keeps its padding and truncation
+    settings in state shared by every call, and each call rewrites them: the model service's threads tokenizing at
+    once (a padded text batch beside an unpadded token count) picked up each other's settings, giving padded
+    counts in the OpenAI ``usage`` and ragged batches that failed with 500 (measured: 15 of 20,000 counts padded)."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
