@@ -85,11 +85,7 @@ class SiglipModel:
 
         logging.getLogger("siglip").disabled = False
         worker = bentoml.server_context.worker_index or 1
-        self.encoder = SiglipEncoder(settings.model, settings.device, settings.dtype, worker_index=worker,
-                                     compile=settings.compile, device_decode=settings.device_decode,
-                                     cuda_graphs=settings.cuda_graphs, max_batch_size=settings.max_batch_size,
-                                     backend=settings.backend, openvino_cache_dir=settings.openvino_cache_dir,
-                                     openvino_threads=settings.openvino_threads)
+        self.encoder = SiglipEncoder(settings, worker_index=worker)
         # Until the model is loaded its batch calls are refused at the door (503 MODEL_LOADING): a restarted worker.
         ModelGate.watch(lambda: (self.encoder.ready.is_set(), self.encoder.error))
         # /metrics says which backend and decode path run as soon as the model is loaded, probes or not.
@@ -111,8 +107,13 @@ class SiglipModel:
         calls back for several model-call times (about 1 s each on a CPU). Spend that at start-up, before
         /readyz turns 200, instead of on users' first requests."""
         info = self.encoder.info
-        pixels = np.zeros((1, info.image_height, info.image_width, 3), dtype=np.uint8)
-        calls = [lambda: self.to_async.encode_texts(["warm-up"]), lambda: self.to_async.encode_images(pixels)]
+        calls = [lambda: self.to_async.encode_texts(["warm-up"])]
+        if info.naflex:
+            grid = (np.zeros((1, 3 * info.patch_size ** 2), dtype=np.uint8), 1, 1)
+            calls.append(lambda: self.to_async.encode_patches([grid]))
+        else:
+            pixels = np.zeros((1, info.image_height, info.image_width, 3), dtype=np.uint8)
+            calls.append(lambda: self.to_async.encode_images(pixels))
         if info.jpeg_decode:
             jpeg = tiny_jpeg()
             calls.append(lambda: self.to_async.encode_jpegs([(jpeg, 1)]))
@@ -150,6 +151,15 @@ class SiglipModel:
         if self._count_batches:
             observe.metrics().model_batch("jpegs", len(items))
         return self.encoder.encode_jpegs(items)
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=settings.max_batch_size,
+                 max_latency_ms=settings.max_latency_ms)
+    def encode_patches(self, items: list[Any]) -> np.ndarray:
+        """NaFlex checkpoints: (uint8 patch rows (rows*cols, P*P*3), rows, cols) per image -> embeddings (N, D);
+        images of any aspect ratio and patch budget batch together."""
+        if self._count_batches:
+            observe.metrics().model_batch("patches", len(items))
+        return self.encoder.encode_patches(items)
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=settings.max_texts_per_request,
                  max_latency_ms=settings.max_latency_ms)
@@ -193,6 +203,9 @@ class BentoModelClient:
     async def encode_jpegs(self, items: list[tuple[bytes, int]]) -> np.ndarray:
         return await self._call("encode_jpegs", items)
 
+    async def encode_patches(self, items: list[tuple[np.ndarray, int, int]]) -> np.ndarray:
+        return await self._call("encode_patches", items)
+
     async def encode_texts(self, texts: list[str]) -> np.ndarray:
         return await self._call("encode_texts", texts)
 
@@ -214,9 +227,10 @@ class BentoModelClient:
                                        reason="model_loading") from None
                     raise Overloaded("model queue is full (SIGLIP_MAX_LATENCY_MS); retry shortly") from None
                 raise
-            except (aiohttp.ClientConnectionError, httpx.TransportError) as exc:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, httpx.TransportError) as exc:
                 # A pooled connection the other side is closing ("Cannot write to closing transport",
-                # bentoml#5540), or a model worker that died with this call: the calls are idempotent.
+                # bentoml#5540), or a model worker that died with this call, even halfway through sending its
+                # answer (ClientPayloadError: 1 in 7,561 answers during a kill test): the calls are idempotent.
                 if attempt == self.RETRIES:
                     raise NotReady(f"the model service is unreachable ({type(exc).__name__}); it may be "
                                    "restarting, retry shortly", reason="model_unreachable") from None
@@ -241,6 +255,14 @@ async def _v1_models(request: Request) -> Response:
     return await answer(lambda: bentoml.get_current_service().openai.models(name), request.url.path)
 
 
+async def _info(request: Request) -> Response:
+    return await answer(lambda: bentoml.get_current_service().engine.info_json(), request.url.path)
+
+
+# GET /info (TEI's name): the checkpoint, its family and shapes, backend, device and the request limits. Mounted at
+# "/" like the playground: only its exact path is claimed.
+info_app = Starlette(routes=[Route("/info", _info, methods=["GET"])])
+
 # OpenAI's embeddings API (siglip.api.openai_api), as its own app: BentoML APIs are POST-only and shape their errors.
 openai_app = Starlette(routes=[Route("/embeddings", _v1_embeddings, methods=["POST"]),
                                Route("/models", _v1_models, methods=["GET"]),
@@ -248,7 +270,8 @@ openai_app = Starlette(routes=[Route("/embeddings", _v1_embeddings, methods=["PO
 
 
 @bentoml.asgi_app(openai_app, path="/v1", name="openai")
-@bentoml.asgi_app(playground.app, path="/", name="playground")  # GET /playground (its exact paths only)
+@bentoml.asgi_app(playground.app, path="/", name="playground")
+@bentoml.asgi_app(info_app, path="/", name="info")  # GET /playground (its exact paths only)
 @bentoml.service(
     name="SiglipGateway",
     image=image,

@@ -52,9 +52,10 @@ import logging, os, sys, time
 sys.path.insert(0, ".")
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 from siglip.model.encoder import SiglipEncoder
+from siglip.settings import Settings
 t0 = time.perf_counter()
-enc = SiglipEncoder(os.environ["CKPT"], device="cpu", backend="openvino",
-                    openvino_cache_dir=os.environ["SIGLIP_OPENVINO_CACHE_DIR"], warmup_batch_sizes=())
+enc = SiglipEncoder(Settings(model=os.environ["CKPT"], device="cpu", backend="openvino",
+                             openvino_cache_dir=os.environ["SIGLIP_OPENVINO_CACHE_DIR"]), warmup_batch_sizes=())
 enc.load()
 print(f"OpenVINO cache ready: backend {enc.info.backend if enc.info else enc.error}, {time.perf_counter() - t0:.1f} s")
 PYEOF

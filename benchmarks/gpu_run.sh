@@ -6,9 +6,11 @@
 #   G. SIGLIP_CUDA_GRAPHS=1: latency + sweep
 #   W. SIGLIP_CUDA_GRAPHS=1 SIGLIP_MODEL_WORKERS=2 (two model processes on the one GPU): latency + sweep
 #   C. only with GPU_RUN_COMPILE=1 (about 5 more minutes): SIGLIP_COMPILE=1 SIGLIP_CUDA_GRAPHS=1
+#   F. family_cost.py on the GPU: per image and per text at model level for base-224, base-512, so400m-384 and
+#      NaFlex base at 256 and 1024 patches (random weights, real architectures; about 2.5 minutes, SIZE=full only)
 # Each sweep also samples GPU utilization and, when py-spy was carried in .whl, profiles the model and gateway
 # workers (what limits the server at saturation). Results in $OUT: gpu.txt, A.log, profile.log, G.log, W.log
-# (all tables) and results.tgz (JSON, metrics, profiles, logs).
+# F.log (all tables) and results.tgz (JSON, metrics, profiles, logs).
 #
 #   bash benchmarks/gpu_run.sh      # on the GPU host (see benchmarks/README.md for the wheels to carry)
 #   SIZE=tiny BUDGET_SCALE=0.5 bash benchmarks/gpu_run.sh     # a CPU rehearsal of the whole script
@@ -60,8 +62,18 @@ if [ -n "${GPU_RUN_COMPILE:-}" ]; then  # optional: compiled kernels captured in
   RUNS="A G W C"
 fi
 
-tar czf "$OUT_ROOT/results.tgz" -C /tmp bench-A bench-P bench-G bench-W $([ -d /tmp/bench-C ] && echo bench-C) 2>/dev/null
+mkdir -p /tmp/bench-F
+if [ "$SIZE" = full ]; then
+  timeout "$(budget 150)" "$PY" benchmarks/family_cost.py --root /tmp/family-ckpts --device cuda --calls 10 \
+    --json /tmp/bench-F/family.json >"$OUT_ROOT/F.log" 2>&1
+  echo "family exit $?" | tee -a "$OUT_ROOT/gpu.txt"
+else
+  echo "family: skipped (SIZE=$SIZE; the members are real architectures)" | tee -a "$OUT_ROOT/gpu.txt"
+fi
+
+tar czf "$OUT_ROOT/results.tgz" -C /tmp bench-A bench-P bench-G bench-W bench-F $([ -d /tmp/bench-C ] && echo bench-C) 2>/dev/null
 sed -n '/where the time/,$p' "$OUT_ROOT/profile.log"
+[ -s "$OUT_ROOT/F.log" ] && grep -E "tokens" "$OUT_ROOT/F.log"
 for run in $RUNS; do
   echo "=============================== $run ==============================="
   grep -h "GPU during the sweep" "$OUT_ROOT/$run.log" | head -1

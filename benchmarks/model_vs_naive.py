@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from siglip.api.images import ImageSpec, decode_image_string, load_pixels
     from siglip.model.encoder import SiglipEncoder
+    from siglip.settings import Settings
 
     log(f"torch threads {torch.get_num_threads()}; loading {args.model} twice (encoder, naive handler) ...")
-    encoder = SiglipEncoder(args.model, device="cpu", dtype="float32", backend=args.backend, warmup_batch_sizes=())
+    encoder = SiglipEncoder(Settings(model=args.model, device="cpu", dtype="float32", backend=args.backend),
+                            warmup_batch_sizes=())
     encoder.load()
     if encoder.info is None:
         raise SystemExit(f"the encoder did not load: {encoder.error}")

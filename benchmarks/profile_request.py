@@ -60,11 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from siglip.api.images import ImageSpec, JpegPayload, decode_image_string, load_pixels, prepare_image
     from siglip.model.encoder import SiglipEncoder
+    from siglip.settings import Settings
 
     log(f"loading {args.model} ...")
-    enc = SiglipEncoder(args.model, device=args.device, dtype=args.dtype, device_decode="auto",
-                        cuda_graphs=args.cuda_graphs, backend=args.backend,
-                        openvino_cache_dir=args.openvino_cache_dir)
+    enc = SiglipEncoder(Settings(model=args.model, device=args.device, dtype=args.dtype, device_decode="auto",
+                                 cuda_graphs=args.cuda_graphs, backend=args.backend,
+                                 openvino_cache_dir=args.openvino_cache_dir))
     enc.load()
     if enc.info is None:
         log(f"load failed: {enc.error}")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     body = orjson.dumps({"inputs": b64, "parameters": {"mode": "image_embedding"}})
     pixels = load_pixels(jpeg, "x", spec, 10**9)
     labels = [f"this is a photo of label number {i}." for i in range(10)]
-    x1 = torch.zeros((1, 3, info.image_height, info.image_width), dtype=enc._dtype, device=enc._device)
+    x1 = torch.zeros((1, 3, info.image_height, info.image_width), dtype=enc.towers.input_dtype, device=enc._device)
     x32 = x1.expand(32, -1, -1, -1).contiguous()
     emb = enc.encode_images(pixels[None])
 
@@ -97,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         lambda: orjson.dumps([{"embedding": emb[0]}], option=orjson.OPT_SERIALIZE_NUMPY))
     with torch.inference_mode():
         if info.backend == "openvino":
-            add("model", "vision tower + normalize (OpenVINO), batch 1", lambda: enc._embed(x1))
-            add("model", "vision tower + normalize (OpenVINO), batch 32 (per call)", lambda: enc._embed(x32), 10)
+            add("model", "vision tower + normalize (OpenVINO), batch 1", lambda: enc.towers.vision(pixel_values=x1))
+            add("model", "vision tower + normalize (OpenVINO), batch 32 (per call)", lambda: enc.towers.vision(pixel_values=x32), 10)
         else:
-            add("model", "vision tower alone, batch 1", lambda: enc._vision(pixel_values=x1))
-            add("model", "vision tower alone, batch 32 (per call)", lambda: enc._vision(pixel_values=x32), 10)
+            add("model", "vision tower alone, batch 1", lambda: enc.towers.model.get_image_features(pixel_values=x1))
+            add("model", "vision tower alone, batch 32 (per call)", lambda: enc.towers.model.get_image_features(pixel_values=x32), 10)
         if info.cuda_graphs:
-            add("model", "vision tower + normalize from CUDA graphs, batch 1", lambda: enc._embed(x1))
-            add("model", "vision tower + normalize from CUDA graphs, batch 32 (per call)", lambda: enc._embed(x32), 10)
+            add("model", "vision tower + normalize from CUDA graphs, batch 1", lambda: enc.towers.vision(pixel_values=x1))
+            add("model", "vision tower + normalize from CUDA graphs, batch 32 (per call)", lambda: enc.towers.vision(pixel_values=x32), 10)
     add("model", "encode_images: 1 image as uint8 pixels (all model-side work)",
         lambda: enc.encode_images(pixels[None]))
     if info.jpeg_decode:

@@ -44,7 +44,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeAlias, TypeVar, overload
 
@@ -204,11 +204,12 @@ def _texts(texts: Texts) -> list[str]:
 
 
 def zero_shot_call(images: Images, labels: Texts | None, *, hypothesis_template: str | None = None,
-                   function_to_apply: str | None = None,
-                   top_k: int | None = None) -> Call[list[LabelScore] | list[list[LabelScore]]]:
+                   function_to_apply: str | None = None, top_k: int | None = None,
+                   max_num_patches: int | None = None) -> Call[list[LabelScore] | list[list[LabelScore]]]:
     inputs, count = _images(images)
     options = {"candidate_labels": None if labels is None else _texts(labels),
-               "hypothesis_template": hypothesis_template, "function_to_apply": function_to_apply, "top_k": top_k}
+               "hypothesis_template": hypothesis_template, "function_to_apply": function_to_apply, "top_k": top_k,
+               "max_num_patches": max_num_patches}
     # Unset options are left out so the server's defaults apply (and labels=None gets the server's own message).
     parameters = {k: v for k, v in options.items() if v is not None}
 
@@ -222,11 +223,16 @@ def zero_shot_call(images: Images, labels: Texts | None, *, hypothesis_template:
     return Call("zero_shot", inputs, parameters, parse)
 
 
-def image_embedding_call(images: Images) -> Call[np.ndarray]:
+def _patch_budget(max_num_patches: int | None) -> dict[str, Any]:
+    return {} if max_num_patches is None else {"max_num_patches": max_num_patches}
+
+
+def image_embedding_call(images: Images, *, max_num_patches: int | None = None) -> Call[np.ndarray]:
     inputs, count = _images(images)
     # Always a list on the wire: one answer shape, and the per-mode endpoint needs no auto-detection.
     wire = inputs if count is not None else [inputs]
-    return Call("image_embedding", wire, {}, lambda raw: _embeddings(raw, len(wire), "image_embedding"))
+    return Call("image_embedding", wire, _patch_budget(max_num_patches),
+                lambda raw: _embeddings(raw, len(wire), "image_embedding"))
 
 
 def text_embedding_call(texts: Texts) -> Call[np.ndarray]:
@@ -234,7 +240,7 @@ def text_embedding_call(texts: Texts) -> Call[np.ndarray]:
     return Call("text_embedding", wire, {}, lambda raw: _embeddings(raw, len(wire), "text_embedding"))
 
 
-def similarity_call(images: Images, texts: Texts) -> Call[np.ndarray]:
+def similarity_call(images: Images, texts: Texts, *, max_num_patches: int | None = None) -> Call[np.ndarray]:
     inputs, count = _images(images)
     wire_images = inputs if count is not None else [inputs]
     wire_texts = _texts(texts)
@@ -247,7 +253,7 @@ def similarity_call(images: Images, texts: Texts) -> Call[np.ndarray]:
                                                     f"{want[1]} texts")
         return scores
 
-    return Call("similarity", {"images": wire_images, "texts": wire_texts}, {}, parse)
+    return Call("similarity", {"images": wire_images, "texts": wire_texts}, _patch_budget(max_num_patches), parse)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,6 +350,18 @@ def _probe_timeout(timeout: float, deadline: float) -> float:
     return max(0.1, min(timeout, deadline - time.monotonic()))
 
 
+def _info_answer(resp: httpx.Response) -> dict[str, Any]:
+    if resp.status_code != 200:
+        raise SiglipError(resp.status_code, error_text(resp.text))
+    return resp.json()
+
+
+INFO_DOC = """What the server serves (``GET /info``), as a dict: ``model`` and ``revision``, ``family`` ("SigLIP" /
+        "SigLIP 2"), ``naflex``, ``image_height``/``image_width`` (fixed resolution) or ``max_num_patches`` and
+        ``max_num_patches_limit`` (NaFlex), ``patch_size``, ``embed_dim``, ``text_length``, ``dtype``, ``backend``,
+        ``device``, ``vision_path``, ``jpeg_decode`` and the request ``limits``. Retried like the other calls."""
+
+
 def _readyz_answer(resp: httpx.Response) -> SiglipError | None:
     return None if resp.status_code == 200 else SiglipError(resp.status_code, error_text(resp.text))
 
@@ -378,33 +396,49 @@ class SiglipClient:
     @overload
     def zero_shot(self, images: list[ImageLike] | tuple[ImageLike, ...], labels: Texts, *,
                   hypothesis_template: str | None = None, function_to_apply: str | None = None,
-                  top_k: int | None = None) -> list[list[LabelScore]]: ...
+                  top_k: int | None = None, max_num_patches: int | None = None) -> list[list[LabelScore]]: ...
 
     @overload
     def zero_shot(self, images: ImageLike, labels: Texts, *, hypothesis_template: str | None = None,
-                  function_to_apply: str | None = None, top_k: int | None = None) -> list[LabelScore]: ...
+                  function_to_apply: str | None = None, top_k: int | None = None,
+                  max_num_patches: int | None = None) -> list[LabelScore]: ...
 
-    def zero_shot(self, images, labels, *, hypothesis_template=None, function_to_apply=None, top_k=None):
+    def zero_shot(self, images, labels, *, hypothesis_template=None, function_to_apply=None, top_k=None,
+                  max_num_patches=None):
         """Classify one image (-> ``list[LabelScore]``, best first) or a list of images (-> one such list per
         image, in input order) against ``labels``. ``hypothesis_template`` (default "This is a photo of {}."),
         ``function_to_apply`` ("softmax" (default, sums to 1), "sigmoid", "none") and ``top_k`` are the API's
-        parameters; None leaves the server's default. At most 64 images and 1024 labels per call by default."""
+        parameters; None leaves the server's default. At most 64 images and 1024 labels per call by default.
+        ``max_num_patches`` (here, ``image_embedding`` and ``similarity``): NaFlex checkpoints' patch budget per
+        image for this call (``info()["max_num_patches_limit"]`` at most); a 400 on fixed-resolution ones."""
         return self._run(zero_shot_call(images, labels, hypothesis_template=hypothesis_template,
-                                        function_to_apply=function_to_apply, top_k=top_k))
+                                        function_to_apply=function_to_apply, top_k=top_k,
+                                        max_num_patches=max_num_patches))
 
-    def image_embedding(self, images: Images) -> np.ndarray:
+    def image_embedding(self, images: Images, *, max_num_patches: int | None = None) -> np.ndarray:
         """L2-normalized embeddings, float32 (N, D), one row per image in input order (N=1 for one image).
         At most 64 images per call by default."""
-        return self._run(image_embedding_call(images))
+        return self._run(image_embedding_call(images, max_num_patches=max_num_patches))
 
     def text_embedding(self, texts: Texts) -> np.ndarray:
         """L2-normalized embeddings, float32 (N, D), one row per text (N=1 for one string). At most 1024 texts
         per call by default."""
         return self._run(text_embedding_call(texts))
 
-    def similarity(self, images: Images, texts: Texts) -> np.ndarray:
+    def similarity(self, images: Images, texts: Texts, *, max_num_patches: int | None = None) -> np.ndarray:
         """Cosine similarities, float32 (n_images, n_texts): ``[i, j]`` is image i against text j."""
-        return self._run(similarity_call(images, texts))
+        return self._run(similarity_call(images, texts, max_num_patches=max_num_patches))
+
+    def info(self) -> dict[str, Any]:
+        return self._retry(lambda: self._get_info())
+
+    info.__doc__ = INFO_DOC
+
+    def _get_info(self) -> dict[str, Any]:
+        try:
+            return _info_answer(self._probe.get("/info"))
+        except httpx.HTTPError as exc:
+            raise unreachable(self.url, exc) from exc
 
     def ready(self) -> bool:
         """True when ``/readyz`` answers 200 (model loaded and warmed up); False while loading or unreachable."""
@@ -429,9 +463,12 @@ class SiglipClient:
 
     # -- plumbing -----------------------------------------------------------------------------------------------
     def _run(self, call: Call[T]) -> T:
+        return self._retry(lambda: self._run_once(call))
+
+    def _retry(self, attempt: Callable[[], T]) -> T:
         for retry in range(self.backoff.attempts):
             try:
-                return self._run_once(call)
+                return attempt()
             except SiglipError as exc:
                 if exc.status not in RETRY_STATUSES or retry == self.backoff.attempts - 1:
                     raise
@@ -509,28 +546,42 @@ class AsyncSiglipClient:
     @overload
     async def zero_shot(self, images: list[ImageLike] | tuple[ImageLike, ...], labels: Texts, *,
                         hypothesis_template: str | None = None, function_to_apply: str | None = None,
-                        top_k: int | None = None) -> list[list[LabelScore]]: ...
+                        top_k: int | None = None, max_num_patches: int | None = None) -> list[list[LabelScore]]: ...
 
     @overload
     async def zero_shot(self, images: ImageLike, labels: Texts, *, hypothesis_template: str | None = None,
-                        function_to_apply: str | None = None, top_k: int | None = None) -> list[LabelScore]: ...
+                        function_to_apply: str | None = None, top_k: int | None = None,
+                        max_num_patches: int | None = None) -> list[LabelScore]: ...
 
-    async def zero_shot(self, images, labels, *, hypothesis_template=None, function_to_apply=None, top_k=None):
+    async def zero_shot(self, images, labels, *, hypothesis_template=None, function_to_apply=None, top_k=None,
+                        max_num_patches=None):
         """See ``SiglipClient.zero_shot``."""
         return await self._run(zero_shot_call(images, labels, hypothesis_template=hypothesis_template,
-                                              function_to_apply=function_to_apply, top_k=top_k))
+                                              function_to_apply=function_to_apply, top_k=top_k,
+                                              max_num_patches=max_num_patches))
 
-    async def image_embedding(self, images: Images) -> np.ndarray:
+    async def image_embedding(self, images: Images, *, max_num_patches: int | None = None) -> np.ndarray:
         """See ``SiglipClient.image_embedding``."""
-        return await self._run(image_embedding_call(images))
+        return await self._run(image_embedding_call(images, max_num_patches=max_num_patches))
 
     async def text_embedding(self, texts: Texts) -> np.ndarray:
         """See ``SiglipClient.text_embedding``."""
         return await self._run(text_embedding_call(texts))
 
-    async def similarity(self, images: Images, texts: Texts) -> np.ndarray:
+    async def similarity(self, images: Images, texts: Texts, *, max_num_patches: int | None = None) -> np.ndarray:
         """See ``SiglipClient.similarity``."""
-        return await self._run(similarity_call(images, texts))
+        return await self._run(similarity_call(images, texts, max_num_patches=max_num_patches))
+
+    async def info(self) -> dict[str, Any]:
+        return await self._retry(self._get_info)
+
+    info.__doc__ = INFO_DOC
+
+    async def _get_info(self) -> dict[str, Any]:
+        try:
+            return _info_answer(await self._probe.get("/info"))
+        except httpx.HTTPError as exc:
+            raise unreachable(self.url, exc) from exc
 
     async def ready(self) -> bool:
         """See ``SiglipClient.ready``."""
@@ -555,9 +606,12 @@ class AsyncSiglipClient:
             await asyncio.sleep(interval)
 
     async def _run(self, call: Call[T]) -> T:
+        return await self._retry(lambda: self._run_once(call))
+
+    async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
         for retry in range(self.backoff.attempts):
             try:
-                return await self._run_once(call)
+                return await attempt()
             except SiglipError as exc:
                 if exc.status not in RETRY_STATUSES or retry == self.backoff.attempts - 1:
                     raise

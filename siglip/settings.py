@@ -39,6 +39,10 @@ class Settings:
     backend: str = "auto"  # auto: OpenVINO on CPUs with AVX512-BF16 or AMX (if installed and its parity check passes), else torch
     openvino_cache_dir: str = ""  # converted OpenVINO models; empty: ~/.cache/siglip2-serve/openvino (XDG_CACHE_HOME)
     openvino_threads: int = 0  # OpenVINO inference threads; 0: its default (the cores it may run on)
+    # NaFlex checkpoints (model_type siglip2): patches per image, aspect ratio kept; 0: the checkpoint's own (256)
+    max_num_patches: int = 0
+    max_num_patches_limit: int = 1024  # the most a request's parameters.max_num_patches may ask for (training
+    # went up to 1024; more costs memory and time and its quality is not established)
 
     # Model service processes
     model_workers: int = 1  # model processes, spread round-robin over the visible GPUs (several may share one)
@@ -135,6 +139,11 @@ class Settings:
                      "max_uploads", "target_concurrency"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must be positive")
+        if self.max_num_patches_limit <= 0:
+            raise ValueError("SIGLIP_MAX_NUM_PATCHES_LIMIT must be positive")
+        if not 0 <= self.max_num_patches <= self.max_num_patches_limit:
+            raise ValueError(f"SIGLIP_MAX_NUM_PATCHES must be between 0 (the checkpoint's own) and "
+                             f"SIGLIP_MAX_NUM_PATCHES_LIMIT ({self.max_num_patches_limit}), not {self.max_num_patches}")
         for name in ("text_cache_size", "fetch_max_redirects", "openvino_threads"):  # 0 = off / default
             if getattr(self, name) < 0:
                 raise ValueError(f"SIGLIP_{name.upper()} must not be negative")

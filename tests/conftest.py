@@ -42,7 +42,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 class Reference:
     """The transformers reference computation: processor + model.get_*_features, fp32, as documented for
-    google/siglip2-base-patch16-512 (convert to RGB first, lowercase, max_length=64 padding, no mask)."""
+    google/siglip2-base-patch16-512 (convert to RGB first, lowercase, max_length padding to the checkpoint's text
+    length, no mask). Any SigLIP / SigLIP 2 checkpoint: NaFlex ones get the processor's mask and grid shapes too,
+    and ``max_num_patches`` per call."""
 
     def __init__(self, path: Path):
         import torch
@@ -51,26 +53,28 @@ class Reference:
         self.torch = torch
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
         self.processor = AutoProcessor.from_pretrained(path)
+        self.text_length = int(self.model.config.text_config.max_position_embeddings)
         self.logit_scale = float(self.model.logit_scale)
         self.logit_bias = float(self.model.logit_bias)
 
-    def image_embeds(self, images: list[Image.Image]) -> np.ndarray:
+    def image_embeds(self, images: list[Image.Image], **processor_kw) -> np.ndarray:
         rgb = [ImageOps.exif_transpose(im).convert("RGB") for im in images]
-        pixel_values = self.processor(images=rgb, return_tensors="pt")["pixel_values"]
+        inputs = self.processor(images=rgb, return_tensors="pt", **processor_kw)
+        names = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
         with self.torch.no_grad():
-            out = self.model.get_image_features(pixel_values=pixel_values).pooler_output
+            out = self.model.get_image_features(**{k: inputs[k] for k in names if k in inputs}).pooler_output
         return self.torch.nn.functional.normalize(out, dim=-1).numpy()
 
     def text_embeds(self, texts: list[str]) -> np.ndarray:
-        enc = self.processor(text=[t.lower() for t in texts], padding="max_length", max_length=64,
+        enc = self.processor(text=[t.lower() for t in texts], padding="max_length", max_length=self.text_length,
                              truncation=True, return_tensors="pt")
         with self.torch.no_grad():
             out = self.model.get_text_features(input_ids=enc["input_ids"]).pooler_output
         return self.torch.nn.functional.normalize(out, dim=-1).numpy()
 
     def zero_shot(self, image: Image.Image, labels: list[str], template: str = "This is a photo of {}.",
-                  fn: str = "softmax") -> list[tuple[str, float]]:
-        cos = self.image_embeds([image]) @ self.text_embeds([template.format(x) for x in labels]).T
+                  fn: str = "softmax", **processor_kw) -> list[tuple[str, float]]:
+        cos = self.image_embeds([image], **processor_kw) @ self.text_embeds([template.format(x) for x in labels]).T
         logits = cos[0] * np.exp(self.logit_scale) + self.logit_bias
         if fn == "softmax":
             e = np.exp(logits - logits.max())

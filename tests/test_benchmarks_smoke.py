@@ -14,7 +14,8 @@ from pathlib import Path
 from conftest import ROOT
 
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ("make_checkpoint", "naive_handler", "latency", "throughput", "loadtest", "wait_ready", "model_vs_naive")
+SCRIPTS = ("make_checkpoint", "naive_handler", "latency", "throughput", "loadtest", "wait_ready", "model_vs_naive",
+           "service_vs_naive", "family_cost")
 LATENCY_KEYS = {"n", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s"}
 
 
@@ -47,6 +48,11 @@ def test_benchmark_scripts_run_and_write_json(service, tiny_checkpoint, tmp_path
     mvn = json.loads((tmp_path / "mvn.json").read_text())
     assert mvn["meta"]["dtype"] == "float32"
     assert [len(mvn[k]["calls_ms"]) for k in ("encoder", "naive")] == [2, 2] and mvn["encoder"]["median_ms"] > 0
+
+    ok(run("service_vs_naive", "--url", service.url, "--model", str(tiny_checkpoint), "--rounds", "2",
+           "--per-round", "1", "--json", str(tmp_path / "svn.json")))
+    svn = json.loads((tmp_path / "svn.json").read_text())
+    assert len(svn["service_ms"]) == len(svn["naive_ms"]) == 2 and svn["speedup"] > 0
 
     proc = run("latency", "--url", service.url, "--requests", "2", "--warmup", "2", "--json",
                str(tmp_path / "latency.json"), "--baseline-json", str(tmp_path / "naive.json"), *common)

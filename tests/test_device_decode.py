@@ -61,11 +61,13 @@ def test_one_call_with_mixed_sizes_orientations_and_a_bad_file(tiny_checkpoint, 
     """Images of the same decoded size are resized together: every row must still be its own image, in order."""
     from siglip.model import encoder as encoder_module
     from siglip.model.encoder import SiglipEncoder
+    from siglip.settings import Settings
 
     if chunk_bytes:
         monkeypatch.setattr(encoder_module, "RESIZE_CHUNK_BYTES", chunk_bytes)
 
-    enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", device_decode="on")
+    enc = SiglipEncoder(Settings(model=str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch",
+                                 device_decode="on"))
     enc.load()
     assert enc.error is None and enc.info.jpeg_decode == "pil"
     exif = Image.Exif()

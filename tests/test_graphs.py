@@ -93,8 +93,9 @@ def test_graphs_requested_on_cpu_run_eager_with_a_warning(tiny_checkpoint, refer
     from siglip.api.images import ImageSpec, load_pixels
     from siglip.model.encoder import SiglipEncoder
 
-    enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", cuda_graphs=True)
-    with caplog.at_level(logging.WARNING, logger="siglip.encoder"):
+    enc = SiglipEncoder(Settings(model=str(tiny_checkpoint), device="cpu", dtype="float32", backend="torch",
+                                 cuda_graphs=True))
+    with caplog.at_level(logging.WARNING, logger="siglip"):
         enc.load()
     assert enc.error is None and enc.info.cuda_graphs is None
     assert "SIGLIP_CUDA_GRAPHS=1 needs a CUDA device" in caplog.text

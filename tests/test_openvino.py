@@ -30,7 +30,8 @@ TEXTS = ["a photo of a cat", "glossy white porcelain tile", "Rustic OAK wood flo
 def load_encoder(path, cache_dir, backend="openvino", dtype="float32"):
     from siglip.model.encoder import SiglipEncoder
 
-    enc = SiglipEncoder(str(path), device="cpu", dtype=dtype, backend=backend, openvino_cache_dir=str(cache_dir))
+    enc = SiglipEncoder(Settings(model=str(path), device="cpu", dtype=dtype, backend=backend,
+                                 openvino_cache_dir=str(cache_dir)))
     enc.load()
     assert enc.error is None, enc.error
     return enc
@@ -111,7 +112,7 @@ def test_encoder_reports_openvino_and_frees_torch(ov_encoder):
     info = ov_encoder.info
     assert info.backend == "openvino" and info.dtype == "float32" and info.device == "cpu"
     assert info.to_dict()["backend"] == "openvino"  # what the gateway and /metrics read
-    assert ov_encoder._model is None  # the torch weights were released
+    assert not hasattr(ov_encoder.towers, "model")  # the torch weights were released
 
 
 def test_dynamic_batch_rows_are_independent(ov_encoder, reference):
@@ -148,8 +149,8 @@ def test_forwarded_jpegs_on_openvino(tiny_checkpoint, cache_dir, reference):
     """SIGLIP_DEVICE_DECODE=on on CPU: decoded and resized in the model service, embedded by OpenVINO."""
     from siglip.model.encoder import SiglipEncoder
 
-    enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", backend="openvino",
-                        openvino_cache_dir=str(cache_dir), device_decode="on")
+    enc = SiglipEncoder(Settings(model=str(tiny_checkpoint), device="cpu", dtype="float32", backend="openvino",
+                                 openvino_cache_dir=str(cache_dir), device_decode="on"))
     enc.load()
     assert enc.error is None and enc.info.backend == "openvino" and enc.info.jpeg_decode == "pil"
     blobs = [encode(make_image(70 + i, size=(160, 120)), "JPEG", quality=95) for i in range(2)] + [b"not a jpeg"]
@@ -242,7 +243,8 @@ CONVERT_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
 from siglip.model.encoder import SiglipEncoder
-enc = SiglipEncoder({ckpt!r}, device="cpu", dtype="float32", backend="openvino", openvino_cache_dir={cache!r})
+from siglip.settings import Settings
+enc = SiglipEncoder(Settings(model={ckpt!r}, device="cpu", dtype="float32", backend="openvino", openvino_cache_dir={cache!r}))
 enc.load()
 assert enc.error is None, enc.error
 print("BACKEND", enc.info.backend, flush=True)
@@ -363,8 +365,8 @@ def test_service_with_backend_torch(start_service, tmp_path):
 def test_thread_count_is_passed_to_openvino(tiny_checkpoint, cache_dir, caplog):
     from siglip.model.encoder import SiglipEncoder
 
-    enc = SiglipEncoder(str(tiny_checkpoint), device="cpu", dtype="float32", backend="openvino",
-                        openvino_cache_dir=str(cache_dir), openvino_threads=1)
+    enc = SiglipEncoder(Settings(model=str(tiny_checkpoint), device="cpu", dtype="float32", backend="openvino",
+                                 openvino_cache_dir=str(cache_dir), openvino_threads=1))
     with caplog.at_level(logging.INFO, logger="siglip.openvino"):
         enc.load()
     assert enc.error is None and enc.info.backend == "openvino"

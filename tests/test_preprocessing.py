@@ -16,7 +16,8 @@ from siglip.api import scoring
 from siglip.api.images import ImageSpec, load_pixels
 from siglip.api.requests import parse_request
 from siglip.api.schemas import DEFAULT_TEMPLATE
-from siglip.model.text import TEXT_MAX_LENGTH, tokenize
+from siglip.model.text import tokenize
+from siglip.settings import Settings
 
 BIG = 10**9  # max_pixels that never refuses
 LONG_TEXT = "a photo of a cat on a white ceramic floor tile near the wooden door " * 20
@@ -29,7 +30,8 @@ TEXTS = ["a photo of a cat", "glossy white porcelain tile", "Rustic OAK wood flo
 def _loaded_encoder(path, dtype: str, backend: str = "torch", cache_dir: str = ""):
     from siglip.model.encoder import SiglipEncoder
 
-    enc = SiglipEncoder(str(path), device="cpu", dtype=dtype, backend=backend, openvino_cache_dir=cache_dir)
+    enc = SiglipEncoder(Settings(model=str(path), device="cpu", dtype=dtype, backend=backend,
+                                 openvino_cache_dir=cache_dir))
     enc.load()
     assert enc.error is None, enc.error
     assert enc.info.backend == backend  # no silent fallback: these parity tests are for this backend
@@ -120,18 +122,18 @@ def test_text_is_lowercased(encoder, reference, tokenizer):
     assert cos(service, reference.text_embeds([text.lower()])[0]) > 0.99999
 
     # the tokenizer itself does not lowercase: the raw text gives other ids and another embedding
-    assert tokenize(tokenizer, [text]).tolist() == tokenize(tokenizer, [text.lower()]).tolist()
+    assert tokenize(tokenizer, [text], 64).tolist() == tokenize(tokenizer, [text.lower()], 64).tolist()
     raw_ids = tokenizer([text], padding="max_length", max_length=64, truncation=True)["input_ids"][0]
     lower_ids = tokenizer([text.lower()], padding="max_length", max_length=64, truncation=True)["input_ids"][0]
     assert raw_ids != lower_ids
-    assert tokenize(tokenizer, [text])[0].tolist() == lower_ids
+    assert tokenize(tokenizer, [text], 64)[0].tolist() == lower_ids
     cased = text_features(reference, texts=[text], padding="max_length", max_length=64, truncation=True)[0]
     assert cos(service, cased) < 0.999
 
 
 def test_tokenize_pads_to_64_on_the_right_and_keeps_eos(tokenizer):
-    ids = tokenize(tokenizer, ["a cat", LONG_TEXT, ""])
-    assert ids.shape == (3, TEXT_MAX_LENGTH) == (3, 64)
+    ids = tokenize(tokenizer, ["a cat", LONG_TEXT, ""], 64)
+    assert ids.shape == (3, 64)
     assert ids.dtype == np.int64
     eos, pad = 1, 0
     assert tokenizer.eos_token_id == eos and tokenizer.pad_token_id == pad
@@ -168,7 +170,7 @@ def test_text_embedding_is_batch_independent(encoder, reference):
 
 def test_no_attention_mask(encoder, reference, tokenizer):
     # tokenize produces ids only: there is no mask to pass by mistake
-    out = tokenize(tokenizer, ["a photo of a dog"])
+    out = tokenize(tokenizer, ["a photo of a dog"], 64)
     assert isinstance(out, np.ndarray) and out.shape == (1, 64)
 
     service = encoder.encode_texts(["a photo of a dog"])[0]

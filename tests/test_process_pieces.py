@@ -233,7 +233,7 @@ def test_tokenizer_calls_from_several_threads_do_not_mix_their_settings(tiny_che
     def batches():
         while not stop.is_set():
             try:
-                assert tokenize(tokenizer, ["a cat", "b"]).shape == (2, 64)
+                assert tokenize(tokenizer, ["a cat", "b"], 64).shape == (2, 64)
             except Exception as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
                 return
@@ -241,9 +241,9 @@ def test_tokenizer_calls_from_several_threads_do_not_mix_their_settings(tiny_che
     thread = threading.Thread(target=batches)
     thread.start()
     try:
-        counts = [tuple(token_counts(tokenizer, ["a cat", ""])) for _ in range(20000)]
+        counts = [tuple(token_counts(tokenizer, ["a cat", ""], 64)) for _ in range(20000)]
     finally:
         stop.set()
         thread.join()
     assert not errors, errors[:1]
-    assert set(counts) == {tuple(token_counts(tokenizer, ["a cat", ""]))} and counts[0][1] == 1, set(counts)
+    assert set(counts) == {tuple(token_counts(tokenizer, ["a cat", ""], 64))} and counts[0][1] == 1, set(counts)

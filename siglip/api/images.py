@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -36,13 +37,54 @@ _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What the checkpoint's image processor resizes to."""
+    """What the checkpoint's image processor resizes to: one fixed size, or (NaFlex) a patch budget."""
 
-    height: int
-    width: int
+    height: int | None
+    width: int | None
     resample: int = Image.Resampling.BILINEAR
     # JPEG DCT-domain downscaling for photos at least this many times the target size (0 disables).
     jpeg_draft_factor: float = 0.0
+    patch_size: int | None = None
+    max_num_patches: int | None = None  # set for NaFlex checkpoints: images become PatchGrids
+
+    @property
+    def naflex(self) -> bool:
+        return self.max_num_patches is not None
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """A NaFlex image: uint8 patch rows (rows*cols, P*P*3), channel-last within each patch, row-major."""
+
+    patches: np.ndarray
+    rows: int
+    cols: int
+
+
+def naflex_size(height: int, width: int, patch: int, max_patches: int, eps: float = 1e-5) -> tuple[int, int]:
+    """The (height, width) ``Siglip2ImageProcessor`` resizes an image to: the largest scale (binary search, as
+    transformers' ``get_image_size_for_max_num_patches``) whose sides, each rounded up to a multiple of ``patch``
+    and at least one patch, give at most ``max_patches`` patches. Aspect ratio kept; small images grow."""
+
+    def side(scale: float, size: int) -> int:
+        return max(patch, math.ceil(size * scale / patch) * patch)
+
+    lo, hi = eps / 10, 100.0
+    while hi - lo >= eps:
+        scale = (lo + hi) / 2
+        if (side(scale, height) / patch) * (side(scale, width) / patch) <= max_patches:
+            lo = scale
+        else:
+            hi = scale
+    return side(lo, height), side(lo, width)
+
+
+def to_patches(pixels: np.ndarray, patch: int) -> np.ndarray:
+    """uint8 (H, W, 3), both sides multiples of ``patch`` -> (H/P * W/P, P*P*3) rows, as
+    ``Siglip2ImageProcessor``'s ``convert_image_to_patches`` lays them out."""
+    h, w, c = pixels.shape
+    grid = pixels.reshape(h // patch, patch, w // patch, patch, c).transpose(0, 2, 1, 3, 4)
+    return np.ascontiguousarray(grid.reshape((h // patch) * (w // patch), patch * patch * c))
 
 
 def url_scheme(value: str) -> str | None:
@@ -140,10 +182,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_pixels(data: bytes, where: str, spec: ImageSpec, max_pixels: int) -> np.ndarray:
-    """Bytes -> uint8 array of shape (height, width, 3), resized exactly as the checkpoint's processor does."""
+def load_pixels(data: bytes, where: str, spec: ImageSpec, max_pixels: int) -> np.ndarray | PatchGrid:
+    """Bytes -> uint8 array of shape (height, width, 3), resized exactly as the checkpoint's processor does; for
+    NaFlex checkpoints, the image resized within its patch budget and cut into patch rows."""
     img = open_checked(data, where, max_pixels)
     try:
+        if spec.naflex:
+            # No JPEG draft here: the target size depends on the full size, as in the processor.
+            img = to_rgb(img)
+            patch = spec.patch_size
+            height, width = naflex_size(img.height, img.width, patch, spec.max_num_patches)
+            img = img.resize((width, height), resample=Image.Resampling(spec.resample))
+            return PatchGrid(to_patches(np.asarray(img, dtype=np.uint8), patch), height // patch, width // patch)
         if spec.jpeg_draft_factor and img.format in ("JPEG", "MPO"):
             w, h = img.size
             if min(w / spec.width, h / spec.height) >= spec.jpeg_draft_factor:
@@ -174,7 +224,7 @@ class JpegPayload:
 
 
 def prepare_image(data: bytes, where: str, spec: ImageSpec, max_pixels: int,
-                  forward_jpeg: bool = False) -> np.ndarray | JpegPayload:
+                  forward_jpeg: bool = False) -> np.ndarray | PatchGrid | JpegPayload:
     """Pixels, or (``forward_jpeg`` and a plain RGB/greyscale JPEG) the checked bytes themselves."""
     if forward_jpeg:
         img = open_checked(data, where, max_pixels)
@@ -188,7 +238,7 @@ def prepare_image(data: bytes, where: str, spec: ImageSpec, max_pixels: int,
 
 
 def prepare_image_string(value: str, where: str, spec: ImageSpec, max_bytes: int, max_pixels: int,
-                         forward_jpeg: bool = False) -> np.ndarray | JpegPayload:
+                         forward_jpeg: bool = False) -> np.ndarray | PatchGrid | JpegPayload:
     """A base64/data-URI input to pixels or a JpegPayload (one call, so it runs as one unit in the pool)."""
     return prepare_image(decode_image_string(value, where, max_bytes), where, spec, max_pixels, forward_jpeg)
 

@@ -32,7 +32,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from siglip import observe
-from siglip.api.engine import Engine, ModelView, gather_or_cancel
+from siglip.api.engine import Engine, gather_or_cancel
 from siglip.api.errors import BadRequest, ServiceError
 from siglip.api.requests import ImageInput, Limits, image_inputs, json_type, text_inputs
 
@@ -82,6 +82,7 @@ class EmbeddingsRequest(BaseModel):
     user: str | None = None
     modality: Literal["text", "image"] | None = Field(
         None, description='"image": every plain string in input is an image (URL, data URI or base64)')
+    max_num_patches: int | None = Field(None, description="NaFlex checkpoints: patches per image (extra_body)")
 
 
 class TextItem(BaseModel):
@@ -245,14 +246,6 @@ def encode_vector(row: np.ndarray, encoding_format: str) -> np.ndarray | str:
     return row
 
 
-def image_tokens(model: ModelView) -> int:
-    """Patches the vision tower sees per image (the whole image is resized to the checkpoint's size)."""
-    patch = model.patch_size
-    if not patch:
-        return 0
-    return (model.image.height // patch) * (model.image.width // patch)
-
-
 def to_json(response: BaseModel) -> bytes:
     return orjson.dumps(response.model_dump(), option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -287,15 +280,20 @@ class OpenAIEmbeddings:
                                  f"not {request.dimensions}: SigLIP 2 embeddings cannot be shortened",
                                  param="dimensions", code="unsupported_dimensions")
         try:
-            (image_embeds, text_embeds), counts = await gather_or_cancel([
-                self.engine.embed(inputs.images, inputs.texts, model), self.engine.count_tokens(inputs.texts)])
+            model.image_spec(request.max_num_patches, "max_num_patches")
+        except BadRequest as exc:
+            raise InvalidRequest(str(exc), param="max_num_patches") from None
+        try:
+            done, counts = await gather_or_cancel([
+                self.engine.embed(inputs.images, inputs.texts, model, request.max_num_patches),
+                self.engine.count_tokens(inputs.texts)])
         except BadRequest as exc:  # an image that cannot be fetched or decoded
             exc.param = getattr(exc, "param", None) or "input"  # type: ignore[attr-defined]
             raise
         fmt = request.encoding_format or "float"
-        data = [Embedding(index=i, embedding=encode_vector(image_embeds[j] if is_image else text_embeds[j], fmt))
+        data = [Embedding(index=i, embedding=encode_vector(done.images[j] if is_image else done.texts[j], fmt))
                 for i, (is_image, j) in enumerate(inputs.order)]
-        tokens = sum(counts) + len(inputs.images) * image_tokens(model)
+        tokens = sum(counts) + done.image_tokens  # the patches each image really had (NaFlex: its own grid)
         return EmbeddingsResponse(data=data, model=self.served_model,
                                   usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
 

@@ -1,10 +1,9 @@
-"""Model loading and encoding: the only module of the service that imports torch.
+"""Model loading and encoding: the model service's side of every request.
 
-``SiglipEncoder`` loads a SigLIP checkpoint (hub id or local directory) with the Auto classes, in a background
-thread, and encodes uint8 pixel batches and text batches into L2-normalized ``pooler_output`` embeddings.
-Rescale and normalization run on the model's device so only uint8 pixels cross process boundaries.
-On CPU the towers may run on OpenVINO instead (``SIGLIP_BACKEND``, ``siglip.model.openvino_backend``, which converts
-them from the torch model); the input and output contract is the same.
+``SiglipEncoder`` loads a SigLIP or SigLIP 2 checkpoint (hub id or local directory) with the Auto classes, in a
+background thread, reads its ``CheckpointSpec`` (``siglip.model.spec``), has ``siglip.model.backends`` pick the
+``Towers`` that run it, and encodes uint8 pixels, JPEG bytes, NaFlex patch grids and texts into L2-normalized
+embeddings. Rescale and normalization run on the model's device so only uint8 pixels cross process boundaries.
 """
 
 from __future__ import annotations
@@ -20,89 +19,71 @@ from typing import Any
 
 import numpy as np
 
-from siglip.api.images import tiny_jpeg
-from siglip.model.text import TEXT_MAX_LENGTH, SerialTokenizer, token_counts, tokenize
+from siglip.api.images import naflex_size, tiny_jpeg, to_patches
+from siglip.model.backends import BackendChoice, build_towers
+from siglip.model.device import resolve_device, resolve_dtype
+from siglip.model.spec import CheckpointSpec, read_spec
+from siglip.model.text import SerialTokenizer, token_counts, tokenize
+from siglip.model.towers import Towers
+from siglip.settings import Settings
 
 logger = logging.getLogger("siglip.encoder")
 RESIZE_CHUNK_BYTES = 256 * 1024 * 1024  # float32 pixels resized in one call on the model's device
+# NaFlex batches are padded to the smallest of these patch counts that holds every image of the group (with the
+# mask, padding changes no embedding), so a 256-patch image never pays for a 1024-patch neighbour.
+PATCH_BUCKETS = (64, 144, 256, 576, 1024, 2304, 4096)
 # Pixel batches arrive unpickled as read-only arrays; they are only read (the first op copies to float).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the gateway needs to know about the loaded checkpoint (sent to it once, as a dict)."""
+    """What the gateway and ``GET /info`` need to know about the loaded checkpoint (sent once, as a dict)."""
 
     model: str
     device: str
     dtype: str
-    image_height: int
-    image_width: int
-    resample: int
     embed_dim: int
     logit_scale: float  # raw parameter; logits use exp(logit_scale)
     logit_bias: float
-    jpeg_decode: str | None = None  # "nvjpeg" / "pil" when the gateway may forward JPEG bytes, else None
-    cuda_graphs: str | None = None  # the captured batch sizes, "1,2,4,...", when the vision tower runs from graphs
-    backend: str = "torch"  # "torch" / "openvino": what runs both towers
-    patch_size: int | None = None  # vision patch size: an image is (image_height/patch)*(image_width/patch) tokens
+    patch_size: int
+    text_length: int  # tokens each text is padded/truncated to
+    family: str  # "SigLIP" | "SigLIP 2"
+    model_type: str  # "siglip" (fixed resolution) | "siglip2" (NaFlex)
+    revision: str | None  # the hub commit the files came from; None for a local directory
+    image_height: int | None  # fixed resolution: what every image is resized to; None for NaFlex
+    image_width: int | None
+    resample: int  # PIL filter of the checkpoint's processor
+    max_num_patches: int | None  # NaFlex: patches per image unless a request asks otherwise
+    max_num_patches_limit: int | None  # NaFlex: the most a request may ask for
+    jpeg_decode: str | None  # "nvjpeg" / "pil" when the gateway may forward JPEG bytes, else None
+    cuda_graphs: str | None  # the captured batch sizes, "1,2,4,...", when the vision tower runs from graphs
+    backend: str  # "torch" / "openvino": what runs both towers
+    vision_path: str  # how the vision tower runs: eager, compiled, CUDA graphs (...), OpenVINO (...)
+
+    @property
+    def naflex(self) -> bool:
+        return self.model_type == "siglip2"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "naflex": self.naflex}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls are then ~3x faster than fp32 on CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def resolve_device(requested: str, worker_index: int = 1) -> str:
-    import torch
-
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
-        return "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"SIGLIP_DEVICE={requested} but CUDA is not available")
-    return requested
-
-
-def resolve_dtype(requested: str, device: str):
-    import torch
-
-    if requested == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return getattr(torch, requested)
-
-
-def normalized_embedding(torch: Any, out: Any) -> Any:
-    """A tower's output (transformers' output object, or the tensor a compiled graph returns) -> its
-    ``pooler_output`` as L2-normalized float32: the embedding every backend serves."""
-    feats = out.pooler_output if hasattr(out, "pooler_output") else out
-    return torch.nn.functional.normalize(feats.float(), dim=-1)
+def patch_buckets(limit: int) -> tuple[int, ...]:
+    """NaFlex pad lengths up to ``limit``, which is always one of them."""
+    return tuple(sorted({b for b in PATCH_BUCKETS if b < limit} | {limit}))
 
 
 class SiglipEncoder:
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", worker_index: int = 1,
-                 compile: bool = False, warmup_batch_sizes: Sequence[int] = (1,), device_decode: str = "off",
-                 cuda_graphs: bool = False, max_batch_size: int = 64, backend: str = "torch",
-                 openvino_cache_dir: str = "", openvino_threads: int = 0):
-        self.model_id = model
-        self._backend = backend  # auto | torch | openvino (siglip.model.openvino_backend.resolve_backend)
-        self._openvino_cache_dir = openvino_cache_dir
-        self._openvino_threads = openvino_threads
-        self._requested = (device, dtype, worker_index, compile)
-        self._graph_max_batch = max_batch_size if cuda_graphs else 0
-        self._device_decode = device_decode  # auto | on | off
+    """``settings``: the service's (model, device, dtype, backend and patch settings are read from it)."""
+
+    def __init__(self, settings: Settings, worker_index: int = 1, warmup_batch_sizes: Sequence[int] = (1,)):
+        self.settings = settings
+        self.model_id = settings.model
+        self._worker_index = worker_index
         self._warmup_sizes = tuple(warmup_batch_sizes)
+        self.spec: CheckpointSpec | None = None
+        self.towers: Towers | None = None
         self.info: ModelInfo | None = None
         self.error: str | None = None
         self.ready = threading.Event()
@@ -119,6 +100,7 @@ class SiglipEncoder:
     def load(self, on_loaded: Callable[[ModelInfo], None] | None = None) -> None:
         try:
             self._load()
+            self._warm_up()
             if on_loaded is not None and self.info is not None:
                 on_loaded(self.info)
         except Exception as exc:
@@ -127,102 +109,80 @@ class SiglipEncoder:
 
     def _load(self) -> None:
         import torch
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-        device_req, dtype_req, worker_index, use_compile = self._requested
-        t0 = time.perf_counter()
-        device = resolve_device(device_req, worker_index)
-        dtype = resolve_dtype(dtype_req, device)
         from siglip.model.openvino_backend import resolve_backend
 
-        backend = resolve_backend(self._backend, device)
+        s = self.settings
+        t0 = time.perf_counter()
+        device = resolve_device(s.device, self._worker_index)
+        dtype = resolve_dtype(s.dtype, device)
+        backend = resolve_backend(s.backend, device)
         logger.info("Loading %s on %s (%s, backend %s)...", self.model_id, device, str(dtype).removeprefix("torch."),
                     backend)
-        if self.model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(self.model_id)):
-            # Otherwise the hub client reports a confusing "Repo id must be in the form ..." error.
-            raise FileNotFoundError(f"checkpoint directory {self.model_id} does not exist (SIGLIP_MODEL)")
         # OpenVINO converts from fp32 weights (and compares against fp32 torch); it picks its own precision.
-        load_dtype = torch.float32 if backend == "openvino" else dtype
-        model = AutoModel.from_pretrained(self.model_id, dtype=load_dtype, attn_implementation="sdpa")
-        for method in ("get_image_features", "get_text_features"):
-            if not hasattr(model, method):
-                raise TypeError(f"{type(model).__name__} is not a SigLIP-style dual encoder (no {method})")
-        model = model.to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(self.model_id)
-        # The text embedding is read at the last position: padding must be on the right (the hub file says so;
-        # Gemma's class default is left).
-        tokenizer.padding_side = "right"
-        processor = AutoImageProcessor.from_pretrained(self.model_id)
-
-        height, width = _processor_size(processor)
-        scale = float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 1.0
-        if getattr(processor, "do_normalize", True):
-            mean = torch.tensor(processor.image_mean, dtype=torch.float32)
-            std = torch.tensor(processor.image_std, dtype=torch.float32)
-        else:
-            mean, std = torch.zeros(3), torch.ones(3)
-        # (x * scale - mean) / std folded into one multiply-add, done on the device in fp32.
-        self._pixel_mul = (scale / std).view(1, 3, 1, 1).to(device)
-        self._pixel_add = (-mean / std).view(1, 3, 1, 1).to(device)
-
-        self._torch = torch
+        model, processor, tokenizer = load_checkpoint(self.model_id, torch.float32 if backend == "openvino" else dtype)
+        spec = read_spec(model.config, processor, tokenizer)
+        self._torch, self._device = torch, torch.device(device)
         self._tokenizer = SerialTokenizer(tokenizer)  # batch and count threads share it
-        self._device = torch.device(device)
-        self._size = (height, width)
-        embed_dim = int(model.config.vision_config.hidden_size)
-        patch_size = int(model.config.vision_config.patch_size)
+        self.spec = spec
+        model = model.to(device).eval()
         logit_scale = float(model.logit_scale.detach().float().cpu())
         logit_bias = float(model.logit_bias.detach().float().cpu())
-        towers = self._openvino_towers(model, embed_dim, dtype_req) if backend == "openvino" else None
-        graphs = None
-        if towers is not None:
-            # The torch weights are not needed any more (1.5 GB fp32 for the full model): only the IR runs.
-            del model
-            self._model = None
-            self._dtype = torch.float32  # the towers take fp32 pixels whatever precision OpenVINO runs in
-            self._embed = lambda x: torch.from_numpy(towers.vision(x.numpy()))
-            self._embed_text = lambda ids: torch.from_numpy(towers.text(ids.numpy()))
-            use_compile = False
-        else:
-            backend = "torch"
-            model = model.to(dtype)  # after a failed OpenVINO attempt the model is still fp32
-            self._model = model
-            self._dtype = dtype
-            self._vision = model.get_image_features
-            self._text = model.get_text_features
-            if use_compile:
-                # Batch sizes vary with load: one dynamic-shape graph instead of a recompile per batch size.
-                self._vision = torch.compile(model.get_image_features, dynamic=True)
-            graphs = self._capture_graphs() if self._graph_max_batch else None
-            self._embed = graphs if graphs is not None else self._embed_eager
-            self._embed_text = self._embed_text_eager
-        self._decode_jpegs = self._jpeg_decoder()
+        revision = getattr(model.config, "_commit_hash", None)  # set by the hub download; None for a directory
+        self.towers = build_towers(spec, model, self.model_id, BackendChoice(
+            backend=backend, device=self._device, dtype=dtype, dtype_setting=s.dtype,
+            compile=s.compile and backend == "torch", cuda_graphs_max_batch=s.max_batch_size if s.cuda_graphs else 0,
+            openvino_cache_dir=s.openvino_cache_dir, openvino_threads=s.openvino_threads),
+            text_ids=self.tokenize)
+        del model  # OpenVINO towers do not need the torch weights (1.5 GB fp32 for the full model)
+
+        self._pixel_mul, self._pixel_add = (t.to(device) for t in pixel_affine(torch, spec))
+        self._decode_jpegs = None if spec.naflex else self._jpeg_decoder()
+        default_patches = limit = None
+        if spec.naflex:
+            limit = s.max_num_patches_limit
+            default_patches = s.max_num_patches or spec.max_num_patches
+            if default_patches > limit:
+                raise ValueError(f"the default patch budget {default_patches} is over SIGLIP_MAX_NUM_PATCHES_LIMIT="
+                                 f"{limit}")
+            self._buckets = patch_buckets(limit)
+        height, width = spec.image_size or (None, None)
+        towers = self.towers
         self.info = ModelInfo(
-            model=self.model_id, device=device,
-            dtype=towers.precision if towers is not None else str(dtype).removeprefix("torch."),
-            image_height=height, image_width=width, resample=int(getattr(processor, "resample", 2)),
-            embed_dim=embed_dim, logit_scale=logit_scale, logit_bias=logit_bias,
+            model=self.model_id, revision=revision,
+            device=device, dtype=towers.precision, embed_dim=spec.embed_dim, logit_scale=logit_scale,
+            logit_bias=logit_bias, patch_size=spec.patch_size, text_length=spec.text_length, family=spec.family,
+            model_type=spec.model_type, image_height=height, image_width=width, resample=spec.resample,
+            max_num_patches=default_patches, max_num_patches_limit=limit,
             jpeg_decode=getattr(self._decode_jpegs, "backend", None),
-            cuda_graphs=",".join(map(str, graphs.buckets)) if graphs is not None else None,
-            backend=backend,
-            patch_size=patch_size,
-        )
+            cuda_graphs=",".join(map(str, getattr(towers, "buckets", ()))) or None,  # CudaGraphTowers only
+            backend=towers.backend, vision_path=towers.path)
         self.load_seconds = time.perf_counter() - t0
 
+    def _warm_up(self) -> None:
         t1 = time.perf_counter()
-        for n in (*self._warmup_sizes, 2, 8) if use_compile else self._warmup_sizes:
-            self.encode_images(np.zeros((n, height, width, 3), dtype=np.uint8))
-        if self._decode_jpegs is not None:
-            self.encode_jpegs([(tiny_jpeg(), 6)])
+        spec, info = self.spec, self.info
+        if spec.naflex:
+            side = spec.patch_size * 16
+            rows, cols = (n // spec.patch_size for n in naflex_size(side, side, spec.patch_size, info.max_num_patches))
+            grid = to_patches(np.zeros((rows * spec.patch_size, cols * spec.patch_size, 3), np.uint8), spec.patch_size)
+            for n in self._warmup_sizes:
+                self.encode_patches([(grid, rows, cols)] * n)
+        else:
+            height, width = spec.image_size
+            sizes = (*self._warmup_sizes, 2, 8) if self.towers.path == "compiled" else self._warmup_sizes
+            for n in sizes:
+                self.encode_images(np.zeros((n, height, width, 3), dtype=np.uint8))
+            if self._decode_jpegs is not None:
+                self.encode_jpegs([(tiny_jpeg(), 6)])
         self.encode_texts(["warm-up"])
         self.warmup_seconds = time.perf_counter() - t1
         self.ready.set()
-        logger.info("Loaded %s on %s (%s): %dx%d images, %d-dim embeddings, JPEG decode in %s, backend %s; "
-                    "load %.1f s, warm-up %.1f s", self.model_id, device, self.info.dtype, height, width, embed_dim,
-                    self.info.jpeg_decode or "the gateway",
-                    "openvino (both towers)" if towers is not None else "torch, vision tower "
-                    + ("compiled" if use_compile else "eager")
-                    + (f", replayed from CUDA graphs ({self.info.cuda_graphs})" if self.info.cuda_graphs else ""),
+        logger.info("Loaded %s%s: %s; on %s (%s), backend %s, vision tower %s, JPEG decode in %s; load %.1f s, "
+                    "warm-up %.1f s", self.model_id, f" at {info.revision[:12]}" if info.revision else "",
+                    spec.describe() + (f", patch budget {info.max_num_patches} (requests up to "
+                                       f"{info.max_num_patches_limit})" if spec.naflex else ""),
+                    info.device, info.dtype, info.backend, info.vision_path, info.jpeg_decode or "the gateway",
                     self.load_seconds, self.warmup_seconds)
 
     def status(self) -> dict[str, Any]:
@@ -231,23 +191,53 @@ class SiglipEncoder:
 
     # -- encoding -------------------------------------------------------------------------------------------
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> float32 (N, D), L2-normalized."""
+        """uint8 (N, H, W, 3) at the checkpoint's size -> float32 (N, D), L2-normalized."""
         torch = self._torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels))
             if self._device.type == "cuda":
                 x = x.pin_memory().to(self._device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().mul_(self._pixel_mul).add_(self._pixel_add).to(self._dtype)
-            return self._embed(x).cpu().numpy()
+            x = x.permute(0, 3, 1, 2).float().mul_(self._pixel_mul).add_(self._pixel_add)
+            return self.towers.vision(pixel_values=x.to(self.towers.input_dtype)).cpu().numpy()
+
+    def encode_patches(self, items: Sequence[tuple[np.ndarray, int, int]]) -> np.ndarray:
+        """NaFlex: (uint8 patch rows (rows*cols, P*P*3), rows, cols) per image -> float32 (N, D), L2-normalized.
+
+        Images are grouped by pad length (``patch_buckets``); each group runs as one batch with the attention mask
+        and grid shapes ``Siglip2ImageProcessor`` gives, so mixed aspect ratios and budgets batch together without
+        changing any embedding."""
+        torch = self._torch
+        out = np.empty((len(items), self.spec.embed_dim), dtype=np.float32)
+        groups: dict[int, list[int]] = {}
+        for i, (patches, rows, cols) in enumerate(items):
+            if patches.shape[0] != rows * cols or rows * cols > self._buckets[-1]:
+                raise ValueError(f"item {i}: {patches.shape[0]} patch rows for a {rows}x{cols} grid (at most "
+                                 f"{self._buckets[-1]})")
+            groups.setdefault(next(b for b in self._buckets if b >= rows * cols), []).append(i)
+        with torch.inference_mode():
+            for length, rows_of_group in groups.items():
+                x = torch.zeros((len(rows_of_group), length, self._pixel_mul.shape[0]), dtype=torch.float32,
+                                device=self._device)
+                mask = torch.zeros((len(rows_of_group), length), dtype=torch.int32, device=self._device)
+                shapes = torch.tensor([items[i][1:] for i in rows_of_group], dtype=torch.int64, device=self._device)
+                for j, i in enumerate(rows_of_group):
+                    patches = torch.from_numpy(np.ascontiguousarray(items[i][0])).to(self._device)
+                    x[j, :len(patches)] = patches.float().mul_(self._pixel_mul).add_(self._pixel_add)
+                    mask[j, :len(patches)] = 1
+                out[rows_of_group] = self.towers.vision(
+                    pixel_values=x.to(self.towers.input_dtype), pixel_attention_mask=mask,
+                    spatial_shapes=shapes).cpu().numpy()
+        return out
 
     def encode_jpegs(self, items: Sequence[tuple[bytes, int]]) -> np.ndarray:
-        """(JPEG bytes, EXIF orientation) -> float32 (N, D), decoded and resized on the model's device.
+        """(JPEG bytes, EXIF orientation) -> float32 (N, D), decoded and resized on the model's device
+        (fixed-resolution checkpoints).
 
         Rows of images that fail to decode are NaN, so one corrupt file fails only its own request.
         """
         torch = self._torch
         F = torch.nn.functional
-        height, width = self._size
+        height, width = self.spec.image_size
         with torch.inference_mode():
             decoded = self._decode_jpegs([data for data, _ in items])
             x = torch.zeros((len(items), 3, height, width), dtype=torch.float32, device=self._device)
@@ -268,55 +258,30 @@ class SiglipEncoder:
                     # Antialiased bilinear in float, rounded like PIL's uint8 resize: cosine >= 0.9999 vs PIL.
                     x[[i for i, _ in part]] = F.interpolate(batch, size=(height, width), mode="bilinear",
                                                             antialias=True, align_corners=False).round_().clamp_(0, 255)
-            x = x.mul_(self._pixel_mul).add_(self._pixel_add).to(self._dtype)
-            out = self._embed(x).cpu().numpy()
+            x = x.mul_(self._pixel_mul).add_(self._pixel_add).to(self.towers.input_dtype)
+            out = self.towers.vision(pixel_values=x).cpu().numpy()
         out[bad] = np.nan
         return out
 
-    def _embed_eager(self, pixel_values: Any) -> Any:
-        """Normalized pixels (N, 3, H, W) in the model dtype -> L2-normalized float32 embeddings, on the device."""
-        return normalized_embedding(self._torch, self._vision(pixel_values=pixel_values))
-
-    def _embed_text_eager(self, input_ids: Any) -> Any:
-        return normalized_embedding(self._torch, self._text(input_ids=input_ids))
-
-    def _openvino_towers(self, model: Any, embed_dim: int, dtype_req: str):
-        """Both towers on OpenVINO, checked against this fp32 ``model``; None: keep torch (the reason is logged)."""
-        from pathlib import Path
-
-        from siglip.model import openvino_backend
-
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """texts -> float32 (N, D), L2-normalized (``siglip.model.text``: lowercased, padded to the checkpoint's
+        text length, no mask)."""
         torch = self._torch
+        ids = torch.from_numpy(self.tokenize(texts)).to(self._device)
+        with torch.inference_mode():
+            return self.towers.text(ids).cpu().numpy()
 
-        def reference(fn):
-            def run(x: np.ndarray) -> np.ndarray:
-                with torch.inference_mode():
-                    return normalized_embedding(torch, fn(torch.from_numpy(x))).numpy()
-            return run
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        return tokenize(self._tokenizer, texts, self.spec.text_length)
 
-        cache_dir = Path(self._openvino_cache_dir) if self._openvino_cache_dir else openvino_backend.default_cache_dir()
-        return openvino_backend.towers_or_none(
-            model, self.model_id, cache_dir, self._size, TEXT_MAX_LENGTH, embed_dim, dtype_req, self._openvino_threads,
-            reference_vision=reference(lambda x: model.get_image_features(pixel_values=x)),
-            reference_text=reference(lambda ids: model.get_text_features(input_ids=ids)),
-            text_ids=lambda texts: tokenize(self._tokenizer, texts))
-
-    def _capture_graphs(self):
-        if self._device.type != "cuda":
-            logger.warning("SIGLIP_CUDA_GRAPHS=1 needs a CUDA device; the vision tower runs eager on %s", self._device)
-            return None
-        from siglip.model.graphs import bucket_sizes, graph_or_none
-
-        torch, (height, width) = self._torch, self._size
-        return graph_or_none(
-            torch, self._embed_eager,
-            lambda b: torch.zeros((b, 3, height, width), dtype=self._dtype, device=self._device),
-            bucket_sizes(self._graph_max_batch), self._device)
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text the text tower reads (``siglip.model.text.token_counts``)."""
+        return token_counts(self._tokenizer, texts, self.spec.text_length)
 
     def _jpeg_decoder(self):
         """A batch decoder list[bytes] -> list[(3, h, w) uint8 tensor on the device | None], or None when the
         gateway should decode. "auto": nvJPEG when the model is on CUDA and torchvision can decode there."""
-        mode = self._device_decode
+        mode = self.settings.device_decode
         if mode == "off":
             return None
         if self._device.type == "cuda":
@@ -330,16 +295,33 @@ class SiglipEncoder:
                 return None
         return _PilDecoder(self._torch, self._device) if mode == "on" else None
 
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """texts -> float32 (N, D), L2-normalized (lowercased, 64-token max_length padding, no mask)."""
-        torch = self._torch
-        ids = torch.from_numpy(tokenize(self._tokenizer, texts)).to(self._device)
-        with torch.inference_mode():
-            return self._embed_text(ids).cpu().numpy()
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens of each text the text tower reads (``siglip.model.text.token_counts``)."""
-        return token_counts(self._tokenizer, texts)
+def pixel_affine(torch: Any, spec: CheckpointSpec) -> tuple[Any, Any]:
+    """(mul, add) with x * mul + add = (x * rescale - mean) / std, shaped for the encoder's uint8 inputs: (1, 3, 1, 1)
+    for (N, 3, H, W) pixels; for NaFlex rows, channel-last within each patch ((py, px, c) flattened), the
+    per-channel values repeated P*P times."""
+    mul = torch.tensor([spec.rescale / sd for sd in spec.std], dtype=torch.float32)
+    add = torch.tensor([-m / sd for m, sd in zip(spec.mean, spec.std)], dtype=torch.float32)
+    if spec.naflex:
+        return mul.repeat(spec.patch_size ** 2), add.repeat(spec.patch_size ** 2)
+    return mul.view(1, 3, 1, 1), add.view(1, 3, 1, 1)
+
+
+def load_checkpoint(model_id: str, dtype: Any) -> tuple[Any, Any, Any]:
+    """(model, image processor, tokenizer) of a checkpoint, each class picked by the Auto classes from the
+    checkpoint's ``model_type`` (SiglipModel or Siglip2Model; ``architectures`` is not needed)."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    if model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
+        # Otherwise the hub client reports a confusing "Repo id must be in the form ..." error.
+        raise FileNotFoundError(f"checkpoint directory {model_id} does not exist (SIGLIP_MODEL)")
+    model = AutoModel.from_pretrained(model_id, dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    # The text embedding is read at the last position: padding must be on the right (the hub files say so;
+    # Gemma's and Siglip2Tokenizer's class default is left).
+    tokenizer.padding_side = "right"
+    processor = AutoImageProcessor.from_pretrained(model_id)
+    return model.eval(), processor, tokenizer
 
 
 def apply_orientation(img: Any, orientation: int) -> Any:
@@ -408,13 +390,3 @@ class _PilDecoder:
             except Exception:  # noqa: BLE001
                 out.append(None)
         return out
-
-
-def _processor_size(processor: Any) -> tuple[int, int]:
-    size = processor.size
-    get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
-    height, width = get("height"), get("width")
-    if height and width:
-        return int(height), int(width)
-    raise ValueError(f"image processor size {size!r} is not a fixed height/width; this service expects a "
-                     "fixed-resolution SigLIP checkpoint")

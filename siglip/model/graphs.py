@@ -164,3 +164,31 @@ def graph_or_none(torch: Any, fn: Callable[[Any], Any], example: Callable[[int],
     logger.info("CUDA graphs captured for batch sizes %s in %.1f s (parity cosine %.6f)",
                 ",".join(map(str, graphed.buckets)), seconds, worst)
     return graphed
+
+
+class CudaGraphTowers:
+    """``siglip.model.towers.Towers`` whose vision tower replays ``graphed`` (fixed-resolution pixels only);
+    the text tower is the base's."""
+
+    def __init__(self, base: Any, graphed: GraphedFunction):
+        self._base, self._graphed = base, graphed
+        self.backend, self.precision, self.input_dtype = base.backend, base.precision, base.input_dtype
+        self.buckets = graphed.buckets
+        self.path = f"CUDA graphs ({','.join(map(str, graphed.buckets))})"
+
+    def vision(self, pixel_values: Any) -> Any:
+        return self._graphed(pixel_values)
+
+    def text(self, input_ids: Any) -> Any:
+        return self._base.text(input_ids)
+
+    @classmethod
+    def build(cls, torch: Any, base: Any, image_size: tuple[int, int], max_batch: int, device: Any) -> Any:
+        """``base`` with its vision tower captured per batch bucket, or ``base`` itself where capture fails or
+        differs from eager (logged)."""
+        height, width = image_size
+        graphed = graph_or_none(
+            torch, lambda x: base.vision(pixel_values=x),
+            lambda b: torch.zeros((b, 3, height, width), dtype=base.input_dtype, device=device),
+            bucket_sizes(max_batch), device)
+        return base if graphed is None else cls(base, graphed)

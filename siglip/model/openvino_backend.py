@@ -32,6 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from siglip.model.device import cpu_has_fast_bf16
+from siglip.model.towers import TorchTowers, normalized_embedding
+
 logger = logging.getLogger("siglip.openvino")
 
 # Below this cosine between OpenVINO's and torch's embedding of the same input, torch is kept.
@@ -68,8 +71,6 @@ def resolve_backend(requested: str, device: str, fast_bf16: bool | None = None) 
     on_cpu = device == "cpu"
     if requested == "auto":
         if fast_bf16 is None:
-            from siglip.model.encoder import cpu_has_fast_bf16
-
             fast_bf16 = cpu_has_fast_bf16()
         return "openvino" if on_cpu and fast_bf16 and installed() else "torch"
     if requested != "openvino":
@@ -133,8 +134,6 @@ def cache_key(model_id: str, directory: Path | None, image_size: tuple[int, int]
 def _wrappers(model: Any) -> dict[str, Any]:
     """The towers as modules whose output is the L2-normalized float32 embedding."""
     import torch
-
-    from siglip.model.encoder import normalized_embedding
 
     class Normalized(torch.nn.Module):
         def __init__(self, features: str, argument: str):
@@ -283,26 +282,56 @@ def worst_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.nan_to_num(cos, nan=-1.0).min())
 
 
-def towers_or_none(model: Any, model_id: str, cache_dir: Path, image_size: tuple[int, int], text_length: int,
-                   embed_dim: int, dtype: str, threads: int, reference_vision: Callable[[np.ndarray], np.ndarray],
-                   reference_text: Callable[[np.ndarray], np.ndarray],
-                   text_ids: Callable[[Sequence[str]], np.ndarray]) -> Towers | None:
-    """Converted (or cached) towers that agree with the torch references, or None (torch is kept) on any failure
-    or a parity cosine below ``PARITY_MIN_COSINE``; the reason is logged as a warning."""
-    try:
-        towers = load_towers(model, model_id, cache_dir, image_size, text_length, embed_dim, dtype, threads)
-        pixels, ids = parity_pixels(image_size), text_ids(PARITY_TEXTS)
-        worst = min(worst_cosine(np.tile(reference_vision(pixels), (2, 1)), towers.vision(np.tile(pixels, (2, 1, 1, 1)))),
-                    worst_cosine(reference_text(ids), towers.text(ids)))
-    except Exception as exc:
-        logger.warning("OpenVINO backend unavailable (%s: %s); running torch", type(exc).__name__, exc,
-                       exc_info=True)
-        return None
-    if worst < PARITY_MIN_COSINE:
-        logger.warning("OpenVINO embeddings differ from torch's (cosine %.6f < %s on the start-up parity inputs); "
-                       "running torch", worst, PARITY_MIN_COSINE)
-        return None
-    logger.info("OpenVINO %s towers %s %s in %.1f s (%s, %d threads; parity cosine to torch fp32 %.6f)",
-                library_versions()["openvino"], "converted into" if towers.converted else "read from",
-                towers.entry, towers.seconds, towers.precision, towers.threads, worst)
-    return towers
+class OpenVinoTowers:
+    """``siglip.model.towers.Towers`` on OpenVINO: torch tensors in and out, numpy in between."""
+
+    backend = "openvino"
+    path = "OpenVINO"
+
+    def __init__(self, towers: Towers):
+        import torch
+
+        self._torch = torch
+        self.compiled = towers
+        self.precision = towers.precision
+        self.input_dtype = torch.float32  # fp32 pixels whatever precision OpenVINO runs in
+
+    def vision(self, pixel_values: Any) -> Any:
+        return self._torch.from_numpy(self.compiled.vision(pixel_values.numpy()))
+
+    def text(self, input_ids: Any) -> Any:
+        return self._torch.from_numpy(self.compiled.text(input_ids.numpy()))
+
+    @classmethod
+    def build(cls, reference: TorchTowers, model_id: str, cache_dir: Path, image_size: tuple[int, int],
+              text_length: int, embed_dim: int, dtype: str, threads: int,
+              text_ids: Callable[[Sequence[str]], np.ndarray]) -> OpenVinoTowers | None:
+        """Converted (or cached) towers of ``reference``'s fp32 model that agree with it, or None (torch is kept)
+        on any failure or a parity cosine below ``PARITY_MIN_COSINE``; the reason is logged as a warning."""
+        import torch
+
+        def run(fn: Callable[..., Any], **inputs: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return fn(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+
+        try:
+            towers = load_towers(reference.model, model_id, cache_dir, image_size, text_length, embed_dim, dtype,
+                                 threads)
+            pixels, ids = parity_pixels(image_size), text_ids(PARITY_TEXTS)
+            worst = min(worst_cosine(np.tile(run(reference.vision, pixel_values=pixels), (2, 1)),
+                                     towers.vision(np.tile(pixels, (2, 1, 1, 1)))),
+                        worst_cosine(run(reference.text, input_ids=ids), towers.text(ids)))
+        except Exception as exc:
+            logger.warning("OpenVINO backend unavailable (%s: %s); running torch", type(exc).__name__, exc,
+                           exc_info=True)
+            return None
+        if worst < PARITY_MIN_COSINE:
+            logger.warning("OpenVINO embeddings differ from torch's (cosine %.6f < %s on the start-up parity inputs); "
+                           "running torch", worst, PARITY_MIN_COSINE)
+            return None
+        logger.info("OpenVINO %s towers %s %s in %.1f s (%s, %d threads; parity cosine to torch fp32 %.6f)",
+                    library_versions()["openvino"], "converted into" if towers.converted else "read from",
+                    towers.entry, towers.seconds, towers.precision, towers.threads, worst)
+        out = cls(towers)
+        out.path = f"OpenVINO ({towers.threads} threads)"
+        return out

@@ -1,8 +1,11 @@
-"""Text rules SigLIP 2 was trained with. Any other padding makes embeddings wrong *and* batch-dependent.
+"""Text rules SigLIP was trained with. Any other padding makes embeddings wrong *and* batch-dependent.
 
-- lowercase: SigLIP 2 saw lowercased text; the GemmaTokenizer that AutoTokenizer returns does not lowercase.
-- padding="max_length", max_length=64, truncation: the text embedding is read at the last position, so every
-  text must be padded to the full 64 tokens (EOS kept on truncation, right padding with id 0).
+- lowercase: SigLIP 2 saw lowercased text, and the GemmaTokenizer that AutoTokenizer returns for the
+  fixed-resolution checkpoints does not lowercase. SigLIP 1's tokenizer and SigLIP 2 NaFlex's ``Siglip2Tokenizer``
+  lowercase by themselves; doing it again first changes nothing for them.
+- padding="max_length" to the checkpoint's own text length (``max_position_embeddings`` of its text tower: 64 for
+  almost all, 16 for siglip-so400m-patch14-224), truncation: the text embedding is read at the last position, so
+  every text is padded to the full length (EOS kept on truncation, right padding).
 - no attention_mask: the model was trained attending to the padding too.
 """
 
@@ -14,19 +17,17 @@ from typing import Any
 
 import numpy as np
 
-TEXT_MAX_LENGTH = 64
-
 
 def normalize_text(text: str) -> str:
     return text.lower()
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
-    """input_ids of shape (len(texts), 64), int64; no attention mask is produced."""
+def tokenize(tokenizer: Any, texts: Sequence[str], length: int) -> np.ndarray:
+    """input_ids of shape (len(texts), length), int64; no attention mask is produced."""
     encoded = tokenizer(
         [normalize_text(t) for t in texts],
         padding="max_length",
-        max_length=TEXT_MAX_LENGTH,
+        max_length=length,
         truncation=True,
         return_attention_mask=False,
         return_tensors="np",
@@ -34,10 +35,10 @@ def tokenize(tokenizer: Any, texts: Sequence[str]) -> np.ndarray:
     return np.asarray(encoded["input_ids"], dtype=np.int64)
 
 
-def token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
-    """Tokens of each text the text tower reads: the same lowercasing and 64-token truncation (EOS kept) as
-    ``tokenize``, without the padding."""
-    encoded = tokenizer([normalize_text(t) for t in texts], truncation=True, max_length=TEXT_MAX_LENGTH,
+def token_counts(tokenizer: Any, texts: Sequence[str], length: int) -> list[int]:
+    """Tokens of each text the text tower reads: the same lowercasing and truncation (EOS kept) as ``tokenize``,
+    without the padding."""
+    encoded = tokenizer([normalize_text(t) for t in texts], truncation=True, max_length=length,
                         return_attention_mask=False)
     return [len(row) for row in encoded["input_ids"]]
 

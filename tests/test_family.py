@@ -1,0 +1,340 @@
+"""The SigLIP family: one tiny random checkpoint per structural class, each served exactly as transformers' own
+processor + model compute it (``../shared/notes/siglip-family.md``).
+
+Classes: SigLIP 2 fixed resolution at other sizes and patches (one whose grid leaves pixels unused, like
+so400m-patch14-384's 378 of 384), SigLIP 1 (SentencePiece tokenizer, its own canonicalization, bicubic, and the
+16-token text tower of siglip-so400m-patch14-224 with no ``architectures`` in its config), unequal tower widths with
+a text projection (giant-opt), and NaFlex at several aspect ratios and patch budgets, alone and mixed in one batch.
+Each is checked at model level on every backend that serves it, and the process boundary (every mode, the OpenAI
+route, ``/info``) over a real ``bentoml serve`` for the classes whose wire format or text length differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+import httpx
+import numpy as np
+import pytest
+from conftest import Reference, b64, cosine, encode, make_image
+from PIL import Image
+
+from siglip.api.images import ImageSpec, PatchGrid, load_pixels, naflex_size, to_patches
+from siglip.client import AsyncSiglipClient, SiglipClient
+from siglip.settings import Settings
+
+TEXTS = ["a photo of a cat", "Glossy WHITE porcelain tile!!", "rustic oak, wood   flooring.", "",
+         "a photo of a cat on a white ceramic floor tile near the wooden door " * 6]
+SIZES = [(96, 72), (40, 200), (300, 100), (17, 23), (640, 480)]
+# name -> build_checkpoint keyword arguments
+CLASSES = {
+    "siglip2-48-p8": {"family": "siglip2", "image_size": 48, "patch_size": 8},
+    "siglip2-66-p14": {"family": "siglip2", "image_size": 66, "patch_size": 14},  # 4x4 grid: 56 of 66 px, like 378/384
+    "siglip1": {"family": "siglip1", "resample": 3},
+    "siglip1-16-tokens": {"family": "siglip1", "text_length": 16, "drop_architectures": True},
+    "projection": {"family": "siglip2", "text_hidden": 24},  # text 24 wide -> 32, like giant-opt 1152 -> 1536
+    "naflex": {"family": "naflex"},
+}
+FIXED = [name for name in CLASSES if name != "naflex"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from siglip.model.checkpoint import build_checkpoint
+
+    root = tmp_path_factory.mktemp("family")
+    return {name: build_checkpoint(root / name, **kw) for name, kw in CLASSES.items()}
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    return {name: Reference(path) for name, path in checkpoints.items()}
+
+
+def load(path, backend: str = "torch", **settings):
+    from siglip.model.encoder import SiglipEncoder
+
+    enc = SiglipEncoder(Settings(model=str(path), device="cpu", dtype="float32", backend=backend, **settings))
+    enc.load()
+    assert enc.error is None, enc.error
+    return enc
+
+
+@pytest.fixture(scope="module")
+def encoders(checkpoints):
+    return {name: load(path) for name, path in checkpoints.items()}
+
+
+def spec_of(enc, max_num_patches: int | None = None) -> ImageSpec:
+    i = enc.info
+    return ImageSpec(i.image_height, i.image_width, i.resample, patch_size=i.patch_size,
+                     max_num_patches=max_num_patches or i.max_num_patches)
+
+
+def embed_images(enc, images, max_num_patches: int | None = None) -> np.ndarray:
+    """Through the gateway's preprocessing (bytes -> pixels or patch rows) and the model service's encoder."""
+    prepared = [load_pixels(encode(im), f"inputs[{i}]", spec_of(enc, max_num_patches), 10**9)
+                for i, im in enumerate(images)]
+    if enc.info.naflex:
+        return enc.encode_patches([(p.patches, p.rows, p.cols) for p in prepared])
+    return enc.encode_images(np.stack(prepared))
+
+
+def rows_cos(a, b) -> np.ndarray:
+    return (np.asarray(a) * np.asarray(b)).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# -- what each checkpoint says about itself -------------------------------------------------------------------
+def test_spec_comes_from_the_checkpoint(encoders):
+    info = {name: enc.info for name, enc in encoders.items()}
+    assert (info["siglip2-48-p8"].image_height, info["siglip2-48-p8"].patch_size) == (48, 8)
+    assert (info["siglip2-66-p14"].image_width, info["siglip2-66-p14"].patch_size) == (66, 14)
+    assert info["siglip2-48-p8"].family == "SigLIP 2" and info["siglip1"].family == "SigLIP"
+    assert info["siglip1"].resample == 3 and info["siglip2-48-p8"].resample == 2
+    assert info["siglip1-16-tokens"].text_length == 16 and info["siglip1"].text_length == 64
+    assert info["projection"].embed_dim == 32
+    nf = info["naflex"]
+    assert nf.naflex and nf.model_type == "siglip2" and nf.family == "SigLIP 2"
+    assert nf.image_height is None and nf.max_num_patches == 64 and nf.max_num_patches_limit == 1024
+    assert nf.jpeg_decode is None  # NaFlex images are resized in the gateway, never forwarded as JPEG
+    assert all(i.to_dict()["naflex"] == (name == "naflex") for name, i in info.items())
+
+
+def test_config_without_architectures_loads_by_model_type(checkpoints):
+    import json
+
+    config = json.loads((checkpoints["siglip1-16-tokens"] / "config.json").read_text())
+    assert "architectures" not in config and config["model_type"] == "siglip"
+
+
+def test_unsupported_model_type_is_refused_with_its_name(tmp_path):
+    from siglip.model.spec import read_spec
+
+    class Config:
+        model_type = "clip"
+
+    with pytest.raises(ValueError, match="model_type 'clip' is not a SigLIP"):
+        read_spec(Config(), None, None)
+
+
+# -- parity with transformers, per class ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_text_parity(name, encoders, references):
+    got = encoders[name].encode_texts(TEXTS)
+    want = references[name].text_embeds(TEXTS)
+    assert rows_cos(got, want).min() > 0.99999
+
+
+@pytest.mark.parametrize("name", FIXED)
+def test_image_parity_fixed_resolution(name, encoders, references):
+    images = [make_image(i, size=s) for i, s in enumerate(SIZES)]
+    got = embed_images(encoders[name], images)
+    assert rows_cos(got, references[name].image_embeds(images)).min() > 0.9999
+
+
+def test_siglip1_text_rules(encoders, references):
+    """SigLIP 1's tokenizer drops punctuation and case by itself; the 16-token member truncates at 16, EOS kept."""
+    enc = encoders["siglip1"]
+    same = enc.encode_texts(["A photo, of a CAT!", "a photo of a cat"])
+    assert cosine(same[0], same[1]) > 0.99999
+    short = encoders["siglip1-16-tokens"]
+    ids = short.tokenize([TEXTS[-1]])
+    assert ids.shape == (1, 16) and ids[0, -1] == short._tokenizer.eos_token_id
+    assert short.count_tokens([TEXTS[-1], "a cat"])[0] == 16
+
+
+def test_token_counts_follow_each_checkpoint(encoders):
+    long = TEXTS[-1]
+    assert encoders["siglip2-48-p8"].count_tokens([long]) == [64]
+    assert encoders["siglip1-16-tokens"].count_tokens([long]) == [16]
+
+
+# -- NaFlex -------------------------------------------------------------------------------------------------
+def test_naflex_size_matches_transformers():
+    from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+
+    for h, w in [(100, 300), (480, 640), (1, 1), (17, 4000), (512, 512), (333, 777), (9, 16)]:
+        for patch in (14, 16):
+            for budget in (1, 16, 64, 256, 576, 1024):
+                assert naflex_size(h, w, patch, budget) == get_image_size_for_max_num_patches(h, w, patch, budget)
+    assert naflex_size(100, 300, 16, 256) == (144, 432)  # the note's 9x27 grid
+    assert naflex_size(480, 640, 16, 256) == (224, 288)  # 14x18
+
+
+def test_to_patches_matches_transformers():
+    from transformers.models.siglip2.image_processing_pil_siglip2 import convert_image_to_patches
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    want = convert_image_to_patches(pixels.transpose(2, 0, 1), 16)
+    np.testing.assert_array_equal(to_patches(pixels, 16), want)
+
+
+@pytest.mark.parametrize("budget", [None, 16, 36, 256])
+def test_naflex_parity_at_several_budgets(budget, encoders, references):
+    images = [make_image(i, size=s) for i, s in enumerate(SIZES)]
+    got = embed_images(encoders["naflex"], images, budget)
+    # Explicit even for the default: Siglip2Processor's own call default is 256 whatever preprocessor_config.json
+    # says (AutoImageProcessor, which the service reads, takes the file's 64); hub checkpoints say 256 in both.
+    want = references["naflex"].image_embeds(images, max_num_patches=budget or 64)
+    assert rows_cos(got, want).min() > 0.9999
+    grid = load_pixels(encode(images[2]), "x", spec_of(encoders["naflex"], budget), 10**9)
+    assert isinstance(grid, PatchGrid) and grid.rows * grid.cols <= (budget or 64)
+    assert grid.cols > grid.rows  # 300x100 keeps its aspect ratio
+
+
+def test_naflex_mixed_batch_equals_each_alone(encoders):
+    """Aspect ratios and budgets mixed in one batch (padded per bucket, with the mask) change no embedding."""
+    enc = encoders["naflex"]
+    items = []
+    for i, (size, budget) in enumerate(zip(SIZES * 2, [64, 16, 256, 36, 64, 1024, 9, 144, 64, 100])):
+        grid = load_pixels(encode(make_image(i, size=size)), "x", spec_of(enc, budget), 10**9)
+        items.append((grid.patches, grid.rows, grid.cols))
+    together = enc.encode_patches(items)
+    alone = np.concatenate([enc.encode_patches([item]) for item in items])
+    np.testing.assert_allclose(together, alone, atol=2e-5)
+
+
+def test_naflex_budget_setting_and_limit(checkpoints, references):
+    enc = load(checkpoints["naflex"], max_num_patches=36, max_num_patches_limit=100)
+    assert enc.info.max_num_patches == 36 and enc.info.max_num_patches_limit == 100
+    image = make_image(3, size=(300, 100))
+    got = embed_images(enc, [image])
+    assert cosine(got[0], references["naflex"].image_embeds([image], max_num_patches=36)[0]) > 0.9999
+    with pytest.raises(ValueError, match="at most 100"):
+        enc.encode_patches([(np.zeros((121, 16 * 16 * 3), np.uint8), 11, 11)])
+    with pytest.raises(ValueError, match="SIGLIP_MAX_NUM_PATCHES"):
+        Settings(max_num_patches=2000).validate()
+
+
+# -- backends ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["siglip2-66-p14", "siglip1-16-tokens", "projection"])
+def test_openvino_serves_fixed_resolution_members(name, checkpoints, references, tmp_path):
+    enc = load(checkpoints[name], backend="openvino", openvino_cache_dir=str(tmp_path))
+    assert enc.info.backend == "openvino"
+    images = [make_image(i, size=s) for i, s in enumerate(SIZES[:3])]
+    assert rows_cos(embed_images(enc, images), references[name].image_embeds(images)).min() > 0.9999
+    assert rows_cos(enc.encode_texts(TEXTS), references[name].text_embeds(TEXTS)).min() > 0.9999
+
+
+def test_naflex_on_openvino_runs_torch_and_says_so(checkpoints, references, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="siglip"):
+        enc = load(checkpoints["naflex"], backend="openvino", openvino_cache_dir=str(tmp_path))
+    assert enc.info.backend == "torch" and "NaFlex checkpoint runs on torch" in caplog.text
+    image = make_image(5, size=(40, 200))
+    want = references["naflex"].image_embeds([image], max_num_patches=64)[0]
+    assert cosine(embed_images(enc, [image])[0], want) > 0.9999
+
+
+def test_naflex_cuda_graphs_are_off_with_a_log_line(checkpoints, caplog):
+    with caplog.at_level(logging.WARNING, logger="siglip"):
+        enc = load(checkpoints["naflex"], cuda_graphs=True)
+    assert enc.info.cuda_graphs is None and "SIGLIP_CUDA_GRAPHS=1" in caplog.text
+
+
+# -- over HTTP ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def naflex_service(start_service, checkpoints):
+    return start_service(SIGLIP_MODEL=str(checkpoints["naflex"]), SIGLIP_DTYPE="float32", SIGLIP_BACKEND="torch",
+                         SIGLIP_MAX_NUM_PATCHES_LIMIT="256")
+
+
+@pytest.fixture(scope="module")
+def siglip1_service(start_service, checkpoints):
+    return start_service(SIGLIP_MODEL=str(checkpoints["siglip1-16-tokens"]), SIGLIP_DTYPE="float32")
+
+
+def test_naflex_every_mode_over_http(naflex_service, references):
+    ref = references["naflex"]
+    images = [make_image(i, size=s) for i, s in enumerate(SIZES[:3])]
+    wire = [b64(encode(im)) for im in images]
+    got = naflex_service.post("/image_embedding", {"inputs": wire}).json()
+    want = ref.image_embeds(images, max_num_patches=64)
+    assert rows_cos([r["embedding"] for r in got], want).min() > 0.9999
+
+    texts = naflex_service.post("/", {"inputs": ["A Photo Of A Cat", "tile"]}).json()
+    assert rows_cos([r["embedding"] for r in texts], ref.text_embeds(["a photo of a cat", "tile"])).min() > 0.99999
+
+    sim = naflex_service.post("/similarity", {"inputs": {"images": wire, "texts": ["cat", "tile"]}}).json()
+    np.testing.assert_allclose(sim["similarity_scores"], want @ ref.text_embeds(["cat", "tile"]).T, atol=1e-4)
+
+    labels = ["cat", "dog", "tile"]
+    zs = naflex_service.post("/zero_shot", {"inputs": wire[0], "parameters": {"candidate_labels": labels}}).json()
+    expected = ref.zero_shot(images[0], labels, max_num_patches=64)
+    assert [r["label"] for r in zs] == [label for label, _ in expected]
+    np.testing.assert_allclose([r["score"] for r in zs], [s for _, s in expected], atol=1e-4)
+
+
+def test_naflex_per_request_budget_over_http(naflex_service, references):
+    image = make_image(7, size=(300, 100))
+    resp = naflex_service.post("/image_embedding", {"inputs": b64(encode(image)),
+                                                    "parameters": {"max_num_patches": 16}})
+    assert resp.status_code == 200, resp.text
+    want = references["naflex"].image_embeds([image], max_num_patches=16)[0]
+    assert cosine(resp.json()[0]["embedding"], want) > 0.9999
+    with SiglipClient(naflex_service.url) as client:
+        assert cosine(client.image_embedding(image, max_num_patches=16)[0], want) > 0.9999
+        ranked = client.zero_shot(image, ["cat", "tile"], max_num_patches=16)
+        assert math.isclose(sum(r.score for r in ranked), 1.0, rel_tol=1e-5)
+    over = naflex_service.post("/image_embedding", {"inputs": b64(encode(image)),
+                                                    "parameters": {"max_num_patches": 257}})
+    assert over.status_code == 400
+    assert "parameters.max_num_patches must be between 1 and 256" in over.json()["error"]
+
+
+def test_naflex_openai_usage_counts_real_patches(naflex_service, references):
+    images = [make_image(1, size=(300, 100)), make_image(2, size=(64, 64))]
+    body = {"model": "naflex", "input": ["data:image/png;base64," + b64(encode(im)) for im in images],
+            "modality": "image", "max_num_patches": 36}
+    resp = naflex_service.post("/v1/embeddings", body)
+    assert resp.status_code == 200, resp.text
+    grids = [naflex_size(im.height, im.width, 16, 36) for im in images]
+    assert resp.json()["usage"]["prompt_tokens"] == sum((h // 16) * (w // 16) for h, w in grids) == 27 + 36
+    want = references["naflex"].image_embeds(images, max_num_patches=36)
+    assert rows_cos([d["embedding"] for d in resp.json()["data"]], want).min() > 0.9999
+
+
+def test_info_names_what_is_served(naflex_service, siglip1_service, checkpoints):
+    info = httpx.get(f"{naflex_service.url}/info", timeout=10).json()
+    assert info["model"] == str(checkpoints["naflex"]) and info["naflex"] is True
+    assert (info["family"], info["patch_size"], info["max_num_patches"], info["max_num_patches_limit"]) == \
+        ("SigLIP 2", 16, 64, 256)
+    assert info["embed_dim"] == 32 and info["text_length"] == 64 and info["backend"] == "torch"
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["vision_path"] == "eager"
+    assert info["limits"]["max_images_per_request"] == 64
+    line = next(x for x in naflex_service.log().splitlines() if "Loaded " in x)
+    assert "NaFlex, up to 64 patches of 16 px" in line and "on cpu (float32)" in line
+
+    async def info_async():
+        async with AsyncSiglipClient(siglip1_service.url) as client:
+            return await client.info()
+
+    with SiglipClient(siglip1_service.url) as client:
+        got = client.info()
+    assert asyncio.run(info_async()) == got
+    assert got["family"] == "SigLIP" and got["text_length"] == 16 and got["naflex"] is False
+    assert (got["image_height"], got["image_width"]) == (64, 64)
+
+
+def test_siglip1_short_text_tower_over_http(siglip1_service, references):
+    ref = references["siglip1-16-tokens"]
+    resp = siglip1_service.post("/v1/embeddings", {"model": "siglip1-16-tokens", "input": [TEXTS[-1], "a cat"]})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert rows_cos([d["embedding"] for d in body["data"]], ref.text_embeds([TEXTS[-1], "a cat"])).min() > 0.99999
+    assert body["usage"]["prompt_tokens"] == 16 + siglip1_service.post(
+        "/v1/embeddings", {"model": "siglip1-16-tokens", "input": "a cat"}).json()["usage"]["prompt_tokens"]
+    fixed = siglip1_service.post("/image_embedding", {"inputs": b64(encode(make_image(1))),
+                                                      "parameters": {"max_num_patches": 16}})
+    assert fixed.status_code == 400 and "NaFlex checkpoints only" in fixed.json()["error"]
+    zs = siglip1_service.post("/", {"inputs": b64(encode(make_image(2))),
+                                    "parameters": {"candidate_labels": ["cat", "dog"]}}).json()
+    assert math.isclose(sum(r["score"] for r in zs), 1.0, rel_tol=1e-5)
+
+
+def test_naflex_image_of_one_pixel_row(encoders, references):
+    """Extreme aspect ratios keep at least one patch per side (the processor's own rule)."""
+    image = Image.new("RGB", (900, 3), (200, 10, 10))
+    got = embed_images(encoders["naflex"], [image])
+    assert cosine(got[0], references["naflex"].image_embeds([image], max_num_patches=64)[0]) > 0.9999
