@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The H100 session in one command (about 6 minutes of a 15-minute device budget): the current defaults against
+# The H100 session in one command (about 8.5 minutes of a 15-minute device budget): the current defaults against
 # the naive baseline in the same run, then the two opt-in throughput knobs, on the same card:
 #   A. defaults (nvJPEG decode next to the model, gateway coalescing): naive baseline, latency, full sweep
 #   P. profile_request.py --cuda-graphs: every stage of one request in-process, eager and graph-replayed
@@ -7,7 +7,7 @@
 #   W. SIGLIP_CUDA_GRAPHS=1 SIGLIP_MODEL_WORKERS=2 (two model processes on the one GPU): latency + sweep
 #   C. only with GPU_RUN_COMPILE=1 (about 5 more minutes): SIGLIP_COMPILE=1 SIGLIP_CUDA_GRAPHS=1
 #   F. family_cost.py on the GPU: per image and per text at model level for base-224, base-512, so400m-384 and
-#      NaFlex base at 256 and 1024 patches (random weights, real architectures; about 2.5 minutes, SIZE=full only)
+#      NaFlex base at 256 and 1024 patches (random weights, real architectures; at most 3.3 minutes, SIZE=full only)
 # Each sweep also samples GPU utilization and, when py-spy was carried in .whl, profiles the model and gateway
 # workers (what limits the server at saturation). Results in $OUT: gpu.txt, A.log, profile.log, G.log, W.log
 # F.log (all tables) and results.tgz (JSON, metrics, profiles, logs).
@@ -64,7 +64,7 @@ fi
 
 mkdir -p /tmp/bench-F
 if [ "$SIZE" = full ]; then
-  timeout "$(budget 150)" "$PY" benchmarks/family_cost.py --root /tmp/family-ckpts --device cuda --calls 10 \
+  timeout "$(budget 200)" "$PY" benchmarks/family_cost.py --root /tmp/family-ckpts --device cuda --calls 10 \
     --json /tmp/bench-F/family.json >"$OUT_ROOT/F.log" 2>&1
   echo "family exit $?" | tee -a "$OUT_ROOT/gpu.txt"
 else
