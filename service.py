@@ -37,7 +37,7 @@ from siglip.server import patches, playground
 from siglip.server.connections import ConnectionLimits, install_connection_limits
 from siglip.server.docs_page import DocsPage
 from siglip.server.drain import exit_with_server, hold_sigterm_until_callers_exit
-from siglip.server.http import RequestGuard, answer
+from siglip.server.http import INFO_PATH, RequestGuard, answer
 from siglip.server.model_gate import ModelGate, model_loading_detail
 from siglip.settings import get_settings
 
@@ -259,9 +259,9 @@ async def _info(request: Request) -> Response:
     return await answer(lambda: bentoml.get_current_service().engine.info_json(), request.url.path)
 
 
-# GET /info (TEI's name): the checkpoint, its family and shapes, backend, device and the request limits. Mounted at
-# "/" like the playground: only its exact path is claimed.
-info_app = Starlette(routes=[Route("/info", _info, methods=["GET"])])
+# GET /info (TEI's name): the checkpoint, its family and shapes, backend, device and the request limits; open without
+# a token (siglip.server.http.OPEN_PATHS). Mounted at "/" like the playground: only its exact path is claimed.
+info_app = Starlette(routes=[Route(INFO_PATH, _info, methods=["GET"])])
 
 # OpenAI's embeddings API (siglip.api.openai_api), as its own app: BentoML APIs are POST-only and shape their errors.
 openai_app = Starlette(routes=[Route("/embeddings", _v1_embeddings, methods=["POST"]),

@@ -6,7 +6,8 @@ so400m-patch14-384's 378 of 384), SigLIP 1 (SentencePiece tokenizer, its own can
 16-token text tower of siglip-so400m-patch14-224 with no ``architectures`` in its config), unequal tower widths with
 a text projection (giant-opt), and NaFlex at several aspect ratios and patch budgets, alone and mixed in one batch.
 Each is checked at model level on every backend that serves it, and the process boundary (every mode, the OpenAI
-route, ``/info``) over a real ``bentoml serve`` for the classes whose wire format or text length differ.
+route, ``/info``, the client, the indexer and the playground in a real browser) over a real ``bentoml serve`` for
+the classes whose wire format or text length differ.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import Reference, b64, cosine, encode, make_image
 from PIL import Image
+from test_playground import add_files, open_page, playwright_driver, set_labels, shown_bars  # noqa: F401 (fixtures)
 
 from siglip.api.images import ImageSpec, PatchGrid, load_pixels, naflex_size, to_patches
 from siglip.client import AsyncSiglipClient, SiglipClient
@@ -227,10 +229,11 @@ def test_naflex_on_openvino_runs_torch_and_says_so(checkpoints, references, tmp_
     assert cosine(embed_images(enc, [image])[0], want) > 0.9999
 
 
-def test_naflex_cuda_graphs_are_off_with_a_log_line(checkpoints, caplog):
-    with caplog.at_level(logging.WARNING, logger="siglip"):
-        enc = load(checkpoints["naflex"], cuda_graphs=True)
+def test_naflex_cuda_graphs_and_device_decode_are_off_with_a_log_line(checkpoints, caplog):
+    with caplog.at_level(logging.INFO, logger="siglip"):
+        enc = load(checkpoints["naflex"], cuda_graphs=True, device_decode="on")
     assert enc.info.cuda_graphs is None and "SIGLIP_CUDA_GRAPHS=1" in caplog.text
+    assert enc.info.jpeg_decode is None and "SIGLIP_DEVICE_DECODE does not apply to NaFlex" in caplog.text
 
 
 # -- over HTTP ------------------------------------------------------------------------------------------------
@@ -338,3 +341,51 @@ def test_naflex_image_of_one_pixel_row(encoders, references):
     image = Image.new("RGB", (900, 3), (200, 10, 10))
     got = embed_images(encoders["naflex"], [image])
     assert cosine(got[0], references["naflex"].image_embeds([image], max_num_patches=64)[0]) > 0.9999
+
+
+def test_indexer_on_a_naflex_checkpoint(naflex_service, references, tmp_path, capsys):
+    """siglip-index builds and searches through a NaFlex server: its vectors are the reference's at the default
+    budget, whatever each image's aspect ratio."""
+    import json
+
+    from siglip.index.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = {f"{i}.png": make_image(i, size=size) for i, size in enumerate(SIZES)}
+    for name, image in images.items():
+        (folder / name).write_bytes(encode(image))
+    def cli(*args: str) -> int:
+        return main(list(args))
+
+    db = tmp_path / "db"
+    assert cli("build", str(folder), "--db", str(db), "--server", naflex_service.url, "--quiet", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == len(images)
+    assert cli("search", "--db", str(db), "--server", naflex_service.url, "--image", str(folder / "2.png"),
+               "--top-k", "2", "--json") == 0
+    matches = json.loads(capsys.readouterr().out)
+    assert matches[0]["id"] == "2.png" and matches[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+    from test_index import contents
+
+    ids, _, vectors = contents(db)
+    got = np.stack([vectors[ids.index(name)] for name in images])
+    want = references["naflex"].image_embeds(list(images.values()), max_num_patches=64)
+    assert rows_cos(got, want).min() > 0.9999
+
+
+# Last in this module: its Playwright driver (module-scoped, sync API) keeps an event loop running in the main thread
+# until the module ends, and a later test calling asyncio.run (the indexer CLI does) would fail.
+def test_playground_on_a_naflex_checkpoint(naflex_service, open_page):  # noqa: F811 (the fixture)
+    b = open_page(naflex_service)
+    b.page.wait_for_selector("#status:has-text('NaFlex')")
+    assert "(SigLIP 2, NaFlex, up to 64 patches per image, 32-dim embeddings)" in b.page.inner_text("#status")
+    add_files(b, [("wide.png", encode(make_image(4, size=(300, 100))), "image/png")])
+    set_labels(b, "#labels", ["a cat", "a tile"])
+    assert b.submit("#zero-shot-form button") == "done"
+    path, body = b.last_post()
+    answer = naflex_service.post(path, body).json()
+    [bars] = shown_bars(b)
+    assert [label for label, _ in bars] == [s["label"] for s in answer]
+    assert b.errors == [] and b.foreign_requests() == []
+

@@ -233,6 +233,9 @@ def test_page_is_served_without_breaking_the_api(service):
 def test_page_loads_and_talks_only_to_its_own_origin(service, open_page):
     b = open_page(service)
     assert b.page.title() == "SigLIP 2 playground"
+    # what is served, from GET /info
+    b.page.wait_for_selector("#status:has-text('32-dim embeddings')")
+    assert "(SigLIP 2, 64x64 images, 32-dim embeddings) on cpu, " in b.page.inner_text("#status")
     # The style sheet applied (same-origin asset, allowed by the page's CSP).
     assert b.page.eval_on_selector("#drop", "e => getComputedStyle(e).borderStyle") == "dashed"
     b.page.fill("#text", "a photo of a cat")
@@ -240,7 +243,8 @@ def test_page_loads_and_talks_only_to_its_own_origin(service, open_page):
     assert b.errors == []
     assert b.foreign_requests() == []
     assert {urlsplit(u).path for u in b.requests} >= {"/playground", "/playground/playground.js",
-                                                      "/playground/playground.css", "/readyz", "/text_embedding"}
+                                                      "/playground/playground.css", "/readyz", "/info",
+                                                      "/text_embedding"}
 
 
 def noisy_png(seed: int, size: tuple[int, int] = (320, 240)) -> bytes:
@@ -424,6 +428,9 @@ def test_with_auth_the_page_loads_and_the_token_is_needed(auth_service, open_pag
     assert httpx.get(auth_service.url + "/playground").status_code == 200
     b = open_page(auth_service)
     assert b.errors == []
+    # /info is open like /readyz: the page says what answers before the token is typed
+    assert httpx.get(auth_service.url + "/info").json()["family"] == "SigLIP 2"
+    b.page.wait_for_selector("#status:has-text('64x64 images')")
 
     b.page.fill("#text", "a token-protected text")
     assert b.submit("#text-embedding-form button") == "error"

@@ -138,6 +138,9 @@ class SiglipEncoder:
 
         self._pixel_mul, self._pixel_add = (t.to(device) for t in pixel_affine(torch, spec))
         self._decode_jpegs = None if spec.naflex else self._jpeg_decoder()
+        if spec.naflex and (s.device_decode == "on" or (s.device_decode == "auto" and self._device.type == "cuda")):
+            logger.info("SIGLIP_DEVICE_DECODE does not apply to NaFlex checkpoints: the gateway resizes each image "
+                        "to its own grid and cuts its patches")
         default_patches = limit = None
         if spec.naflex:
             limit = s.max_num_patches_limit

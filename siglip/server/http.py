@@ -30,8 +30,12 @@ from siglip.settings import MB, fmt_bytes
 
 logger = logging.getLogger("siglip.http")
 
-# Open without a token: the probes and metrics, and the playground's files (the page asks for the token itself).
-OPEN_PATHS = observe.QUIET_PATHS | playground.PATHS
+# GET /info: what is served. Open like /metrics, whose siglip_model_info already names the model, device and
+# backend, so the playground can say what answers before a token is typed.
+INFO_PATH = "/info"
+# Open without a token: the probes and metrics, /info, and the playground's files (the page asks for the token
+# itself).
+OPEN_PATHS = observe.QUIET_PATHS | playground.PATHS | {INFO_PATH}
 
 MAX_JSON_DEPTH = 32
 

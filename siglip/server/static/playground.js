@@ -32,6 +32,7 @@ async function watchReady() {
         const resp = await fetch(api("readyz"), {cache: "no-store"});
         if (resp.ok) {
           setStatus("ready", "Ready: the model is loaded.");
+          await describeModel();
           return;
         }
         setStatus("loading", `The model is still loading (/readyz answered ${resp.status}); checking again…`);
@@ -42,6 +43,22 @@ async function watchReady() {
     }
   } finally {
     watching = false;
+  }
+}
+
+// What is served (GET /info, open like /readyz), so a user knows which member of the family answers; where it
+// cannot be read the status just stays "Ready".
+async function describeModel() {
+  try {
+    const resp = await fetch(api("info"), {cache: "no-store"});
+    if (!resp.ok) return;
+    const info = await resp.json();
+    const shape = info.naflex ? `NaFlex, up to ${info.max_num_patches} patches per image`
+      : `${info.image_width}x${info.image_height} images`;
+    setStatus("ready", `Ready: ${info.model} (${info.family}, ${shape}, ${info.embed_dim}-dim embeddings) ` +
+      `on ${info.device}, ${info.backend} ${info.dtype}.`);
+  } catch (err) {
+    // the status stays "Ready"
   }
 }
 
