@@ -109,7 +109,7 @@ class SiglipModel:
         info = self.encoder.info
         calls = [lambda: self.to_async.encode_texts(["warm-up"])]
         if info.naflex:
-            grid = (np.zeros((1, 3 * info.patch_size ** 2), dtype=np.uint8), 1, 1)
+            grid = self.encoder.warmup_grid()
             calls.append(lambda: self.to_async.encode_patches([grid]))
         else:
             pixels = np.zeros((1, info.image_height, info.image_width, 3), dtype=np.uint8)
@@ -270,8 +270,8 @@ openai_app = Starlette(routes=[Route("/embeddings", _v1_embeddings, methods=["PO
 
 
 @bentoml.asgi_app(openai_app, path="/v1", name="openai")
-@bentoml.asgi_app(playground.app, path="/", name="playground")
-@bentoml.asgi_app(info_app, path="/", name="info")  # GET /playground (its exact paths only)
+@bentoml.asgi_app(playground.app, path="/", name="playground")  # GET /playground (its exact paths only)
+@bentoml.asgi_app(info_app, path="/", name="info")  # GET /info
 @bentoml.service(
     name="SiglipGateway",
     image=image,

@@ -65,8 +65,11 @@ class Reference:
             out = self.model.get_image_features(**{k: inputs[k] for k in names if k in inputs}).pooler_output
         return self.torch.nn.functional.normalize(out, dim=-1).numpy()
 
-    def text_embeds(self, texts: list[str]) -> np.ndarray:
-        enc = self.processor(text=[t.lower() for t in texts], padding="max_length", max_length=self.text_length,
+    def text_embeds(self, texts: list[str], lower: bool = True) -> np.ndarray:
+        """``lower=False``: the text as given, for tokenizers that canonicalize by themselves (SigLIP 1's, and
+        Siglip2Tokenizer of the NaFlex checkpoints)."""
+        enc = self.processor(text=[t.lower() if lower else t for t in texts], padding="max_length",
+                             max_length=self.text_length,
                              truncation=True, return_tensors="pt")
         with self.torch.no_grad():
             out = self.model.get_text_features(input_ids=enc["input_ids"]).pooler_output

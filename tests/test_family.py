@@ -125,7 +125,9 @@ def test_unsupported_model_type_is_refused_with_its_name(tmp_path):
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_text_parity(name, encoders, references):
     got = encoders[name].encode_texts(TEXTS)
-    want = references[name].text_embeds(TEXTS)
+    # SigLIP 1's tokenizer and NaFlex's Siglip2Tokenizer canonicalize by themselves: their processors get the raw,
+    # cased, punctuated text; SigLIP 2 fixed-resolution was trained on lowercased text its tokenizer does not make.
+    want = references[name].text_embeds(TEXTS, lower=CLASSES[name]["family"] == "siglip2")
     assert rows_cos(got, want).min() > 0.99999
 
 
@@ -204,7 +206,7 @@ def test_naflex_budget_setting_and_limit(checkpoints, references):
     image = make_image(3, size=(300, 100))
     got = embed_images(enc, [image])
     assert cosine(got[0], references["naflex"].image_embeds([image], max_num_patches=36)[0]) > 0.9999
-    with pytest.raises(ValueError, match="at most 100"):
+    with pytest.raises(ValueError, match="item 0: 121 patches, over SIGLIP_MAX_NUM_PATCHES_LIMIT=100"):
         enc.encode_patches([(np.zeros((121, 16 * 16 * 3), np.uint8), 11, 11)])
     with pytest.raises(ValueError, match="SIGLIP_MAX_NUM_PATCHES"):
         Settings(max_num_patches=2000).validate()
@@ -229,11 +231,83 @@ def test_naflex_on_openvino_runs_torch_and_says_so(checkpoints, references, tmp_
     assert cosine(embed_images(enc, [image])[0], want) > 0.9999
 
 
-def test_naflex_cuda_graphs_and_device_decode_are_off_with_a_log_line(checkpoints, caplog):
+def test_naflex_device_decode_is_off_with_a_log_line(checkpoints, caplog):
     with caplog.at_level(logging.INFO, logger="siglip"):
-        enc = load(checkpoints["naflex"], cuda_graphs=True, device_decode="on")
-    assert enc.info.cuda_graphs is None and "SIGLIP_CUDA_GRAPHS=1" in caplog.text
+        enc = load(checkpoints["naflex"], device_decode="on")
     assert enc.info.jpeg_decode is None and "SIGLIP_DEVICE_DECODE does not apply to NaFlex" in caplog.text
+
+
+def test_naflex_cuda_graphs_are_off_with_a_log_line(checkpoints, caplog):
+    """On a CUDA device (only named here: nothing is captured or run), graphs stay off for NaFlex."""
+    import torch
+
+    from siglip.model.backends import BackendChoice, build_towers
+    from siglip.model.encoder import load_checkpoint
+    from siglip.model.spec import read_spec
+    from siglip.model.towers import TorchTowers
+
+    model, processor, tokenizer = load_checkpoint(str(checkpoints["naflex"]), torch.float32)
+    choice = BackendChoice(backend="torch", backend_setting="auto", device=torch.device("cuda"), dtype=torch.float32,
+                           dtype_setting="float32", compile=False, cuda_graphs_max_batch=8, openvino_cache_dir="",
+                           openvino_threads=0)
+    with caplog.at_level(logging.WARNING, logger="siglip"):
+        towers = build_towers(read_spec(model.config, processor, tokenizer), model, "naflex", choice, lambda t: None)
+    assert isinstance(towers, TorchTowers) and towers.path == "eager"
+    assert "SIGLIP_CUDA_GRAPHS=1 is off for NaFlex checkpoints" in caplog.text
+
+
+def test_bicubic_checkpoint_decodes_jpegs_in_the_gateway(checkpoints, caplog):
+    """The device resize is bilinear: a SigLIP 1 (bicubic) checkpoint keeps PIL's resize for every image."""
+    with caplog.at_level(logging.INFO, logger="siglip"):
+        enc = load(checkpoints["siglip1"], device_decode="on")
+    assert enc.info.resample == 3 and enc.info.jpeg_decode is None
+    assert "resizes with PIL filter 3" in caplog.text
+
+
+def test_pad_length():
+    from siglip.model.encoder import pad_length
+
+    assert [pad_length(n, 1024) for n in (1, 64, 65, 252, 256, 972, 1024)] == [64, 64, 128, 256, 256, 1024, 1024]
+    assert pad_length(90, 100) == 100 and pad_length(30, 36) == 36
+
+
+def test_naflex_rotated_and_drafted_jpegs(encoders, references):
+    """EXIF orientation is applied before the grid is chosen (a portrait photo gets a portrait grid), and a JPEG
+    draft (SIGLIP_JPEG_DRAFT_FACTOR) keeps the grid of the full-size image."""
+    import io
+
+    enc = encoders["naflex"]
+    image = make_image(9, size=(640, 240))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees: 240 wide, 640 tall
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95, exif=exif)
+    data = buf.getvalue()
+    grid = load_pixels(data, "x", spec_of(enc), 10**9)
+    assert grid.rows > grid.cols
+    got = enc.encode_patches([(grid.patches, grid.rows, grid.cols)])[0]
+    assert cosine(got, references["naflex"].image_embeds([Image.open(io.BytesIO(data))], max_num_patches=64)[0]) \
+        > 0.9999
+    drafted = load_pixels(data, "x", ImageSpec(None, None, 2, 2.0, 16, 64), 10**9)
+    assert (drafted.rows, drafted.cols) == (grid.rows, grid.cols)
+    assert cosine(enc.encode_patches([(drafted.patches, drafted.rows, drafted.cols)])[0], got) > 0.99
+
+
+def test_hub_id_from_the_cache_reports_its_revision(checkpoints, tmp_path, monkeypatch):
+    """A hub id served from the hub cache (offline) loads, and /info's revision is the snapshot's commit."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--google--siglip2-tiny-test"
+    shutil.copytree(checkpoints["siglip2-48-p8"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    enc = load("google/siglip2-tiny-test")
+    assert enc.info.revision == commit and enc.info.model == "google/siglip2-tiny-test"
 
 
 # -- over HTTP ------------------------------------------------------------------------------------------------

@@ -144,14 +144,14 @@ class Engine:
 
     async def answer(self, request: ParsedRequest) -> Any:
         model = await self.model()
-        done = await self.embed(request.images, request.texts, model, request.params.max_num_patches)
+        spec = model.image_spec(request.params.max_num_patches) if request.images else model.image
+        done = await self.embed(request.images, request.texts, model, spec)
         return build_response(request, done.images, done.texts, model)
 
     async def embed(self, images: Sequence[ImageInput], texts: Sequence[str], model: ModelView,
-                    max_num_patches: int | None = None) -> Embedded:
-        """Embeddings of parsed images and texts, computed concurrently; ``max_num_patches``: the request's own
-        patch budget (NaFlex checkpoints)."""
-        spec = model.image_spec(max_num_patches)
+                    spec: ImageSpec | None = None) -> Embedded:
+        """Embeddings of parsed images and texts, computed concurrently; ``spec``: how this request's images are
+        prepared (``ModelView.image_spec``: the model's, or a request's own NaFlex patch budget)."""
         (image_embeds, tokens), text_embeds = await gather_or_cancel([self.embed_images(images, model, spec),
                                                                       self.embed_texts(texts)])
         return Embedded(image_embeds, text_embeds, tokens)

@@ -182,17 +182,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block: exif_transpose ignores it too
+        return 1
+
+
 def load_pixels(data: bytes, where: str, spec: ImageSpec, max_pixels: int) -> np.ndarray | PatchGrid:
     """Bytes -> uint8 array of shape (height, width, 3), resized exactly as the checkpoint's processor does; for
     NaFlex checkpoints, the image resized within its patch budget and cut into patch rows."""
     img = open_checked(data, where, max_pixels)
     try:
         if spec.naflex:
-            # No JPEG draft here: the target size depends on the full size, as in the processor.
-            img = to_rgb(img)
+            # The grid follows the full-size (oriented) image, as in the processor, whatever a draft decodes.
+            swapped = _orientation(img) in (5, 6, 7, 8)  # exif_transpose will swap the sides
+            h, w = img.size if swapped else img.size[::-1]
             patch = spec.patch_size
-            height, width = naflex_size(img.height, img.width, patch, spec.max_num_patches)
-            img = img.resize((width, height), resample=Image.Resampling(spec.resample))
+            height, width = naflex_size(h, w, patch, spec.max_num_patches)
+            if spec.jpeg_draft_factor and img.format in ("JPEG", "MPO") and min(w / width, h / height) >= \
+                    spec.jpeg_draft_factor:
+                img.draft("RGB", (height * 2, width * 2) if swapped else (width * 2, height * 2))  # file's own axes
+            img = to_rgb(img).resize((width, height), resample=Image.Resampling(spec.resample))
             return PatchGrid(to_patches(np.asarray(img, dtype=np.uint8), patch), height // patch, width // patch)
         if spec.jpeg_draft_factor and img.format in ("JPEG", "MPO"):
             w, h = img.size
@@ -229,10 +240,7 @@ def prepare_image(data: bytes, where: str, spec: ImageSpec, max_pixels: int,
     if forward_jpeg:
         img = open_checked(data, where, max_pixels)
         if img.format == "JPEG" and img.mode in ("RGB", "L") and img.size[0] * img.size[1] <= FORWARD_MAX_PIXELS:
-            try:
-                orientation = int(img.getexif().get(0x0112, 1))
-            except Exception:  # noqa: BLE001 - a broken EXIF block: PIL's exif_transpose would ignore it too
-                orientation = 1
+            orientation = _orientation(img)
             return JpegPayload(data, orientation if 1 <= orientation <= 8 else 1)
     return load_pixels(data, where, spec, max_pixels)
 

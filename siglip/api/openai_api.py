@@ -280,12 +280,12 @@ class OpenAIEmbeddings:
                                  f"not {request.dimensions}: SigLIP 2 embeddings cannot be shortened",
                                  param="dimensions", code="unsupported_dimensions")
         try:
-            model.image_spec(request.max_num_patches, "max_num_patches")
+            spec = model.image_spec(request.max_num_patches, "max_num_patches") if inputs.images else model.image
         except BadRequest as exc:
             raise InvalidRequest(str(exc), param="max_num_patches") from None
         try:
             done, counts = await gather_or_cancel([
-                self.engine.embed(inputs.images, inputs.texts, model, request.max_num_patches),
+                self.engine.embed(inputs.images, inputs.texts, model, spec),
                 self.engine.count_tokens(inputs.texts)])
         except BadRequest as exc:  # an image that cannot be fetched or decoded
             exc.param = getattr(exc, "param", None) or "input"  # type: ignore[attr-defined]

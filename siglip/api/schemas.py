@@ -26,5 +26,5 @@ class Parameters(BaseModel):
                               "native independent probabilities) or none (raw logits)")
     top_k: int | None = Field(None, ge=1, description="zero_shot: return only the k best labels")
     max_num_patches: int | None = Field(None, ge=1, description="NaFlex checkpoints: patches per image for this "
-                                                                 "request (default: the server's, 256; at most "
-                                                                 "SIGLIP_MAX_NUM_PATCHES_LIMIT, 1024)")
+                                                                 "request (default SIGLIP_MAX_NUM_PATCHES, at most "
+                                                                 "SIGLIP_MAX_NUM_PATCHES_LIMIT; GET /info has both)")

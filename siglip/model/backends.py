@@ -25,6 +25,7 @@ class BackendChoice:
     """The backend settings, resolved for this host (``SIGLIP_BACKEND``, ``SIGLIP_COMPILE``, ...)."""
 
     backend: str  # "torch" | "openvino" (resolve_backend's answer)
+    backend_setting: str  # SIGLIP_BACKEND as given: auto | torch | openvino
     device: Any  # torch.device
     dtype: Any  # torch dtype for torch towers
     dtype_setting: str  # SIGLIP_DTYPE as given: OpenVINO maps it to its own precision hint
@@ -43,7 +44,9 @@ def build_towers(spec: CheckpointSpec, model: Any, model_id: str, choice: Backen
         from siglip.model import openvino_backend
 
         if spec.naflex:
-            logger.warning("OpenVINO converts fixed-resolution checkpoints only; this NaFlex checkpoint runs on torch")
+            # A warning only when the operator asked for OpenVINO; "auto" choosing torch here is the expected case.
+            logger.log(logging.WARNING if choice.backend_setting == "openvino" else logging.INFO,
+                       "OpenVINO converts fixed-resolution checkpoints only; this NaFlex checkpoint runs on torch")
         else:
             reference = TorchTowers(model, torch.float32)
             cache_dir = (Path(choice.openvino_cache_dir) if choice.openvino_cache_dir

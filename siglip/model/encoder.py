@@ -28,10 +28,12 @@ from siglip.model.towers import Towers
 from siglip.settings import Settings
 
 logger = logging.getLogger("siglip.encoder")
+BILINEAR = 2  # PIL.Image.Resampling.BILINEAR: the only filter the device resize matches
 RESIZE_CHUNK_BYTES = 256 * 1024 * 1024  # float32 pixels resized in one call on the model's device
-# NaFlex batches are padded to the smallest of these patch counts that holds every image of the group (with the
-# mask, padding changes no embedding), so a 256-patch image never pays for a 1024-patch neighbour.
-PATCH_BUCKETS = (64, 144, 256, 576, 1024, 2304, 4096)
+# NaFlex images are padded to a multiple of this many patches (with the mask, padding changes no embedding) and
+# each pad length runs as one batch: a 256-patch image never pays for a 1024-patch neighbour, and an image under
+# its budget (the binary search leaves a few patches unused: 252 of 256, 972 of 1024) pads at most this much.
+PATCH_STEP = 64
 # Pixel batches arrive unpickled as read-only arrays; they are only read (the first op copies to float).
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
@@ -69,9 +71,10 @@ class ModelInfo:
         return {**asdict(self), "naflex": self.naflex}
 
 
-def patch_buckets(limit: int) -> tuple[int, ...]:
-    """NaFlex pad lengths up to ``limit``, which is always one of them."""
-    return tuple(sorted({b for b in PATCH_BUCKETS if b < limit} | {limit}))
+def pad_length(patches: int, limit: int) -> int:
+    """The NaFlex pad length of an image of ``patches`` patches: the next multiple of ``PATCH_STEP``, at most
+    ``limit``."""
+    return min(limit, -(-patches // PATCH_STEP) * PATCH_STEP)
 
 
 class SiglipEncoder:
@@ -128,9 +131,9 @@ class SiglipEncoder:
         model = model.to(device).eval()
         logit_scale = float(model.logit_scale.detach().float().cpu())
         logit_bias = float(model.logit_bias.detach().float().cpu())
-        revision = getattr(model.config, "_commit_hash", None)  # set by the hub download; None for a directory
+        revision = hub_revision(self.model_id)
         self.towers = build_towers(spec, model, self.model_id, BackendChoice(
-            backend=backend, device=self._device, dtype=dtype, dtype_setting=s.dtype,
+            backend=backend, backend_setting=s.backend, device=self._device, dtype=dtype, dtype_setting=s.dtype,
             compile=s.compile and backend == "torch", cuda_graphs_max_batch=s.max_batch_size if s.cuda_graphs else 0,
             openvino_cache_dir=s.openvino_cache_dir, openvino_threads=s.openvino_threads),
             text_ids=self.tokenize)
@@ -148,7 +151,7 @@ class SiglipEncoder:
             if default_patches > limit:
                 raise ValueError(f"the default patch budget {default_patches} is over SIGLIP_MAX_NUM_PATCHES_LIMIT="
                                  f"{limit}")
-            self._buckets = patch_buckets(limit)
+            self._patch_limit = limit
         height, width = spec.image_size or (None, None)
         towers = self.towers
         self.info = ModelInfo(
@@ -166,11 +169,8 @@ class SiglipEncoder:
         t1 = time.perf_counter()
         spec, info = self.spec, self.info
         if spec.naflex:
-            side = spec.patch_size * 16
-            rows, cols = (n // spec.patch_size for n in naflex_size(side, side, spec.patch_size, info.max_num_patches))
-            grid = to_patches(np.zeros((rows * spec.patch_size, cols * spec.patch_size, 3), np.uint8), spec.patch_size)
             for n in self._warmup_sizes:
-                self.encode_patches([(grid, rows, cols)] * n)
+                self.encode_patches([self.warmup_grid()] * n)
         else:
             height, width = spec.image_size
             sizes = (*self._warmup_sizes, 2, 8) if self.towers.path == "compiled" else self._warmup_sizes
@@ -183,10 +183,17 @@ class SiglipEncoder:
         self.ready.set()
         logger.info("Loaded %s%s: %s; on %s (%s), backend %s, vision tower %s, JPEG decode in %s; load %.1f s, "
                     "warm-up %.1f s", self.model_id, f" at {info.revision[:12]}" if info.revision else "",
-                    spec.describe() + (f", patch budget {info.max_num_patches} (requests up to "
-                                       f"{info.max_num_patches_limit})" if spec.naflex else ""),
+                    spec.describe(info.max_num_patches) + (f" (requests up to {info.max_num_patches_limit})"
+                                                           if spec.naflex else ""),
                     info.device, info.dtype, info.backend, info.vision_path, info.jpeg_decode or "the gateway",
                     self.load_seconds, self.warmup_seconds)
+
+    def warmup_grid(self) -> tuple[np.ndarray, int, int]:
+        """A NaFlex item at the default budget (a 4:3 image's grid): what start-up calls run, so warm-up and the
+        batcher's timing see the size real images have."""
+        patch = self.spec.patch_size
+        rows, cols = (n // patch for n in naflex_size(3 * patch * 16, 4 * patch * 16, patch, self.info.max_num_patches))
+        return to_patches(np.zeros((rows * patch, cols * patch, 3), np.uint8), patch), rows, cols
 
     def status(self) -> dict[str, Any]:
         return {"ready": self.ready.is_set(), "error": self.error,
@@ -210,17 +217,22 @@ class SiglipEncoder:
         and grid shapes ``Siglip2ImageProcessor`` gives, so mixed aspect ratios and budgets batch together without
         changing any embedding."""
         torch = self._torch
+        if not self.spec.naflex:
+            raise ValueError(f"{self.model_id} is not a NaFlex checkpoint: send pixels (encode_images)")
+        width = self._pixel_mul.shape[0]
         out = np.empty((len(items), self.spec.embed_dim), dtype=np.float32)
         groups: dict[int, list[int]] = {}
         for i, (patches, rows, cols) in enumerate(items):
-            if patches.shape[0] != rows * cols or rows * cols > self._buckets[-1]:
-                raise ValueError(f"item {i}: {patches.shape[0]} patch rows for a {rows}x{cols} grid (at most "
-                                 f"{self._buckets[-1]})")
-            groups.setdefault(next(b for b in self._buckets if b >= rows * cols), []).append(i)
+            if patches.ndim != 2 or patches.shape != (rows * cols, width):
+                raise ValueError(f"item {i}: patch rows of shape {patches.shape} for a {rows}x{cols} grid; expected "
+                                 f"({rows * cols}, {width})")
+            if rows * cols > self._patch_limit:
+                raise ValueError(f"item {i}: {rows * cols} patches, over SIGLIP_MAX_NUM_PATCHES_LIMIT="
+                                 f"{self._patch_limit}")
+            groups.setdefault(pad_length(rows * cols, self._patch_limit), []).append(i)
         with torch.inference_mode():
             for length, rows_of_group in groups.items():
-                x = torch.zeros((len(rows_of_group), length, self._pixel_mul.shape[0]), dtype=torch.float32,
-                                device=self._device)
+                x = torch.zeros((len(rows_of_group), length, width), dtype=torch.float32, device=self._device)
                 mask = torch.zeros((len(rows_of_group), length), dtype=torch.int32, device=self._device)
                 shapes = torch.tensor([items[i][1:] for i in rows_of_group], dtype=torch.int64, device=self._device)
                 for j, i in enumerate(rows_of_group):
@@ -287,6 +299,13 @@ class SiglipEncoder:
         mode = self.settings.device_decode
         if mode == "off":
             return None
+        if self.spec.resample != BILINEAR:
+            # The device resize is antialiased bilinear, which matches PIL's bilinear only; a bicubic checkpoint
+            # (SigLIP 1) would get other pixels from a JPEG than from a PNG of the same photo.
+            if mode == "on" or self._device.type == "cuda":
+                logger.info("JPEGs are decoded in the gateway: this checkpoint resizes with PIL filter %d, and "
+                            "decoding on the device resizes bilinear only", self.spec.resample)
+            return None
         if self._device.type == "cuda":
             try:
                 decoder = _NvJpegDecoder(self._torch, self._device)
@@ -308,6 +327,20 @@ def pixel_affine(torch: Any, spec: CheckpointSpec) -> tuple[Any, Any]:
     if spec.naflex:
         return mul.repeat(spec.patch_size ** 2), add.repeat(spec.patch_size ** 2)
     return mul.view(1, 3, 1, 1), add.view(1, 3, 1, 1)
+
+
+def hub_revision(model_id: str) -> str | None:
+    """The hub commit a checkpoint's files were read from (its snapshot folder in the hub cache); None for a local
+    directory. transformers 5 no longer keeps it on the config."""
+    if os.path.isdir(os.path.expanduser(model_id)):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model_id, "config.json")
+    except Exception:  # noqa: BLE001 - no hub cache: nothing to report
+        return None
+    return os.path.basename(os.path.dirname(found)) if isinstance(found, str) else None
 
 
 def load_checkpoint(model_id: str, dtype: Any) -> tuple[Any, Any, Any]:

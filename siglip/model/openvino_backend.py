@@ -208,7 +208,7 @@ class Tower:
 
 
 @dataclass(frozen=True)
-class Towers:
+class CompiledTowers:
     vision: Tower
     text: Tower
     precision: str  # "float32" / "bfloat16" / "float16": what OpenVINO runs the matmuls in
@@ -219,7 +219,7 @@ class Towers:
 
 
 def load_towers(model: Any, model_id: str, cache_dir: Path, image_size: tuple[int, int], text_length: int,
-                embed_dim: int, dtype: str = "auto", threads: int = 0) -> Towers:
+                embed_dim: int, dtype: str = "auto", threads: int = 0) -> CompiledTowers:
     """Read both towers from the cache (converting ``model`` into it first if needed) and compile them."""
     import openvino as ov
 
@@ -257,7 +257,7 @@ def load_towers(model: Any, model_id: str, cache_dir: Path, image_size: tuple[in
         compiled = compile_towers()
     hint = compiled["vision"].get_property("INFERENCE_PRECISION_HINT").to_string()
     precision = DTYPE_NAMES.get(hint, hint)
-    return Towers(Tower(compiled["vision"], embed_dim), Tower(compiled["text"], embed_dim), precision,
+    return CompiledTowers(Tower(compiled["vision"], embed_dim), Tower(compiled["text"], embed_dim), precision,
                   int(compiled["vision"].get_property("INFERENCE_NUM_THREADS")), entry, converted,
                   time.perf_counter() - t0)
 
@@ -288,7 +288,7 @@ class OpenVinoTowers:
     backend = "openvino"
     path = "OpenVINO"
 
-    def __init__(self, towers: Towers):
+    def __init__(self, towers: CompiledTowers):
         import torch
 
         self._torch = torch

@@ -54,9 +54,10 @@ class CheckpointSpec:
         grid = self.grid
         return grid[0] * grid[1] if grid else None
 
-    def describe(self) -> str:
+    def describe(self, max_num_patches: int | None = None) -> str:
+        """One line for logs; ``max_num_patches``: the budget in force when it is not the checkpoint's."""
         if self.naflex:
-            shape = f"NaFlex, up to {self.max_num_patches} patches of {self.patch_size} px"
+            shape = f"NaFlex, up to {max_num_patches or self.max_num_patches} patches of {self.patch_size} px"
         else:
             h, w = self.image_size or (0, 0)
             shape = f"{h}x{w} images, patch {self.patch_size}"
@@ -90,21 +91,26 @@ def read_spec(config: Any, processor: Any, tokenizer: Any) -> CheckpointSpec:
     return CheckpointSpec(
         model_type=model_type, family=family, tokenizer=tokenizer_class, patch_size=patch, embed_dim=embed_dim,
         text_length=int(text.max_position_embeddings),
-        resample=int(getattr(processor, "resample", None) or 2),
+        resample=2 if getattr(processor, "resample", None) is None else int(processor.resample),
         rescale=float(processor.rescale_factor) if getattr(processor, "do_rescale", True) else 1.0,
         mean=mean, std=std,
-        image_size=None if naflex else processor_size(processor),
+        image_size=None if naflex else fixed_size(processor, vision),
         max_num_patches=int(getattr(processor, "max_num_patches", None) or 256) if naflex else None,
     )
 
 
-def processor_size(processor: Any) -> tuple[int, int]:
+def fixed_size(processor: Any, vision: Any) -> tuple[int, int]:
+    """(height, width) the processor resizes to, checked against the vision tower's position grid."""
     size = processor.size
     get = size.get if isinstance(size, dict) else (lambda k, d=None: getattr(size, k, d))
     height, width = get("height"), get("width")
-    if height and width:
-        return int(height), int(width)
-    raise ValueError(f"image processor size {size!r} is neither a fixed height/width nor a NaFlex patch budget")
+    if not (height and width):
+        raise ValueError(f"image processor size {size!r} is neither a fixed height/width nor a NaFlex patch budget")
+    if int(height) != int(vision.image_size) or int(width) != int(vision.image_size):
+        # The tower's learned positions cover image_size / patch per side; another size fails deep in the model.
+        raise ValueError(f"the image processor resizes to {height}x{width} but the vision tower was built for "
+                         f"{vision.image_size}x{vision.image_size} images")
+    return int(height), int(width)
 
 
 def _three(values: Any, name: str) -> tuple[float, float, float]:
