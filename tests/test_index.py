@@ -416,3 +416,102 @@ def test_sources_name_items_stably(tmp_path):
 
     items = [Item("a", "a", "a"), Item("b", "b", "b")]
     assert plan(items, {"a"}) == [items[1]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the local engine (model in this process) and the model fingerprint
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory) -> Path:
+    """A few images that need the service's own image code: EXIF-rotated, CMYK, palette, and a corrupt file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("odd")
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    make_image(1, (80, 40)).save(rotated, "JPEG", quality=95, exif=exif)
+    (root / "rotated.jpg").write_bytes(rotated.getvalue())
+    cmyk = io.BytesIO()
+    make_image(2, (60, 60)).convert("CMYK").save(cmyk, "JPEG", quality=95)
+    (root / "cmyk.jpg").write_bytes(cmyk.getvalue())
+    (root / "palette.png").write_bytes(encode(make_image(3, (50, 70)).convert("P")))
+    (root / "plain.png").write_bytes(encode(make_image(4, (64, 48))))
+    (root / BROKEN).write_bytes(b"\xff\xd8\xff\xe0 truncated: not really a JPEG")
+    return root
+
+
+def test_local_engine_writes_the_services_embeddings(service, odd_folder, tmp_path, monkeypatch, tiny_checkpoint):
+    """--engine local (no server) gives the running service's vectors, refuses the corrupt file with the
+    service's own error text, and records the same model fingerprint."""
+    monkeypatch.setenv("SIGLIP_MODEL", str(tiny_checkpoint))
+    monkeypatch.setenv("SIGLIP_DTYPE", "float32")  # as the service fixture runs
+    db = tmp_path / "db"
+    rc, summary = cli_json("build", odd_folder, "--db", db, "--engine", "local", "--batch-size", 3, "--quiet")
+    assert rc == 3, summary
+    assert summary["added"] == 4 and [f["id"] for f in summary["failed"]] == [BROKEN]
+    assert summary["failed"][0]["status"] == 400 and NOT_AN_IMAGE_400 in summary["failed"][0]["error"]
+    ids, _, vectors = contents(db)
+    with SiglipClient(service.url) as client:
+        want = client.image_embedding([odd_folder / i for i in ids])
+        info = client.info()
+    assert min(float(a @ b) for a, b in zip(vectors, want)) > 0.9999
+    from siglip.index.store import CatalogStore, model_fingerprint
+
+    assert CatalogStore(str(db)).model == model_fingerprint(info) == {
+        "model": tiny_checkpoint.name, "revision": None, "family": "SigLIP 2", "model_type": "siglip", "embed_dim": 32}
+
+
+def test_another_model_is_refused_for_build_and_search(service, odd_folder, tmp_path, monkeypatch, capsys):
+    """A table keeps one vector space: a build or a search with another checkpoint of the same width is refused,
+    naming both models."""
+    from siglip.index.store import CatalogStore
+    from siglip.model.checkpoint import build_checkpoint
+
+    other = build_checkpoint(tmp_path / "other-siglip", image_size=48, patch_size=8)  # 32-dim too
+    served, foreign = tmp_path / "served", tmp_path / "foreign"
+    assert cli_json("build", odd_folder, "--db", served, "--server", service.url, "--quiet")[0] == 3
+    monkeypatch.setenv("SIGLIP_MODEL", str(other))
+    rc, summary = cli_json("build", odd_folder, "--db", served, "--engine", "local", "--quiet")
+    assert rc == 1 and summary["added"] == 0 and CatalogStore(str(served)).count() == 4
+    assert ("holds embeddings of tiny-siglip (SigLIP 2, 32-dim), but this build uses other-siglip (SigLIP 2, "
+            "32-dim)") in summary["error"]
+
+    assert cli_json("build", odd_folder, "--db", foreign, "--engine", "local", "--quiet")[0] == 3
+    capsys.readouterr()
+    rc, _ = cli("search", "--db", foreign, "--server", service.url, "a cat")
+    assert rc == 1
+    assert (f"holds embeddings of other-siglip (SigLIP 2, 32-dim), but the server at {service.url} uses tiny-siglip"
+            in capsys.readouterr().err)
+
+
+def test_parquet_manifest_source(service, image_server, tmp_path, capsys):
+    """A Parquet manifest of id + path/URL (how a catalog too big to list is handed over): read row group by row
+    group, paths relative to the manifest, URLs fetched by the service, empty rows reported."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(encode(make_image(1)))
+    url = image_server.add("/m/b.png", encode(make_image(2)))
+    manifest = tmp_path / "catalog.parquet"
+    pq.write_table(pa.table({"sku": ["A1", "B2", "C3", "A1"], "photo": ["img/a.png", url, "", "img/a.png"],
+                             "price": [1.0, 2.0, 3.0, 4.0]}), manifest, row_group_size=2)
+    db = tmp_path / "db"
+    rc, summary = cli_json("build", manifest, "--db", db, "--server", service.url, "--id-column", "sku",
+                           "--image-column", "photo", "--quiet")
+    assert rc == 3, summary
+    assert summary["added"] == 2 and summary["duplicates"] == 1
+    assert [(f["id"], f["error"]) for f in summary["failed"]] == [("C3", "catalog.parquet row 3: empty 'photo'")]
+    ids, sources, _ = contents(db)
+    assert dict(zip(ids, sources)) == {"A1": str(tmp_path / "img" / "a.png"), "B2": url}
+
+    capsys.readouterr()
+    rc, _ = cli("build", manifest, "--db", db, "--server", service.url, "--image-column", "photo", "--quiet")
+    assert rc == 1 and "no column 'id' (columns: sku, photo, price)" in capsys.readouterr().err
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(SourceError, match="bad.parquet"):
+        from siglip.index.sources import read_source
+
+        read_source(bad)

@@ -1,5 +1,6 @@
-"""Embedding a catalog through the service and writing it to the store: bounded concurrency, batches, retries,
-and per-item failures.
+"""Embedding a catalog and writing it to the store: bounded concurrency, batches, retries, and per-item failures.
+The embedder is the service over HTTP (``AsyncSiglipClient``) or the model in this process
+(``siglip.index.local.LocalEmbedder``); both answer ``image_embedding`` and refuse bad items alike.
 
 - Each request carries one batch; at most ``concurrency`` are in flight, fewer while the server answers 429
   (``Window``). Every finished batch is written at once (one LanceDB commit), so an interruption loses only the
@@ -14,18 +15,22 @@ and per-item failures.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from siglip.client import Backoff, SiglipError
 from siglip.index.sources import Failure, Item
-from siglip.index.store import CatalogStore, StoreError
+from siglip.index.store import CatalogStore, StoreError, model_fingerprint
+
+logger = logging.getLogger("siglip.index")
+T = TypeVar("T")
 
 RETRYABLE = frozenset({None, 429, 502, 503, 504})
 INDEX_BACKOFF = Backoff(attempts=8, base_s=0.5)  # a long build rides out a restarting server
@@ -34,6 +39,7 @@ ITEM_LEVEL = frozenset({400, 413, 422, 500})
 
 class ImageEmbedder(Protocol):
     async def image_embedding(self, images: Sequence) -> np.ndarray: ...
+    async def info(self) -> dict: ...
 
 
 class BuildAborted(Exception):
@@ -105,6 +111,7 @@ class Builder:
                  backoff: Backoff = INDEX_BACKOFF, progress: Callable[[int], None] = lambda n: None,
                  seed: int | None = None):
         self.client, self.store, self.stats = client, store, stats
+        self.model: dict | None = None  # the embedder's fingerprint (siglip.index.store.model_fingerprint)
         self.backoff, self.progress = backoff, progress
         self.rng = random.Random(seed)
         self.window: Window  # set by run(), for its concurrency
@@ -112,6 +119,9 @@ class Builder:
     async def run(self, items: Sequence[Item], batch_size: int, concurrency: int) -> BuildStats:
         batches = iter([items[i:i + batch_size] for i in range(0, len(items), batch_size)])
         self.window = Window(concurrency)
+        # Before any row: a table keeps one model's vectors (StoreError names both models otherwise).
+        self.model = await self._fingerprint()
+        self.store.check_model(self.model)
 
         async def worker() -> None:
             for batch in batches:  # one shared iterator: each batch goes to exactly one worker
@@ -133,7 +143,7 @@ class Builder:
         await self._embed(batch, done, vectors)
         if done:
             # Synchronous on purpose: a cancellation (Ctrl-C, SIGTERM) lands at an await, never mid-commit.
-            self.store.add([i.id for i in done], [i.source for i in done], np.concatenate(vectors))
+            self.store.add([i.id for i in done], [i.source for i in done], np.concatenate(vectors), self.model)
             self.stats.added += len(done)
         self.progress(len(batch))
 
@@ -161,14 +171,31 @@ class Builder:
         await self._embed(items[:half], done, vectors)
         await self._embed(items[half:], done, vectors)
 
+    async def _fingerprint(self) -> dict | None:
+        """The embedder's model fingerprint; None from a server without ``GET /info`` (an older version)."""
+        try:
+            info = await self._retrying(self.client.info)
+        except SiglipError as exc:
+            if exc.status == 404:
+                logger.warning("the server has no GET /info: the table will not record which model wrote it")
+                return None
+            raise BuildAborted(self._fatal(exc)) from None
+        return model_fingerprint(info)
+
     async def _request(self, images: list) -> np.ndarray:
+        async def call() -> np.ndarray:
+            async with self.window:
+                result = await self.client.image_embedding(images)
+            self.window.answered()
+            return result
+
+        return await self._retrying(call)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         for attempt in range(self.backoff.attempts):
             self.stats.requests += 1
             try:
-                async with self.window:
-                    result = await self.client.image_embedding(images)
-                self.window.answered()
-                return result
+                return await call()
             except SiglipError as exc:
                 if exc.status == 429:
                     self.window.overloaded()

@@ -1,6 +1,8 @@
-"""siglip-index: build a LanceDB catalog of image embeddings through the service, and search it.
+"""siglip-index: build a LanceDB catalog of image embeddings through the service (or the model in this process),
+and search it.
 
     siglip-index build ./photos --db ./catalog          # a folder (recursive), a list of URLs, or a CSV
+    siglip-index build ./photos --db ./catalog --engine local   # no server: SIGLIP_MODEL loaded here
     siglip-index search --db ./catalog "a red car"      # text query
     siglip-index search --db ./catalog --image q.jpg    # image query (a path or an http(s) URL)
 
@@ -55,12 +57,13 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="embed a folder, URL list or CSV into a table (resumable)")
     b.add_argument("source", help="a folder of images (recursive), a text file with one URL or path per line, "
-                                  "or a CSV with an id and an image column")
-    b.add_argument("--type", dest="kind", choices=["auto", "folder", "list", "csv"], default="auto",
-                   help="how to read SOURCE (default: auto: folder, .csv/.tsv, else a list)")
-    b.add_argument("--id-column", default="id", help="CSV: the id column (default: id)")
+                                  "a CSV, or a Parquet manifest, with an id and an image column")
+    b.add_argument("--type", dest="kind", choices=["auto", "folder", "list", "csv", "parquet"], default="auto",
+                   help="how to read SOURCE (default: auto: folder, .csv/.tsv, .parquet/.pq, else a list)")
+    b.add_argument("--id-column", default="id", help="CSV/Parquet: the id column (default: id)")
     b.add_argument("--image-column", default="image",
-                   help="CSV: the column with an http(s) URL or a path relative to the CSV (default: image)")
+                   help="CSV/Parquet: the column with an http(s) URL or a path relative to the file (default: "
+                        "image)")
     b.add_argument("--batch-size", type=_positive, default=16,
                    help="images per request, at most the server's SIGLIP_MAX_IMAGES_PER_REQUEST (default: 16)")
     b.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default: 4)")
@@ -70,6 +73,10 @@ def parser() -> argparse.ArgumentParser:
                    help="build the IVF_HNSW_SQ cosine index once the table has this many rows; below it search "
                         f"is exact (default: {DEFAULT_INDEX_THRESHOLD}; 0: never)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--engine", choices=["http", "local"], default="http",
+                   help="http: through the service at --server (default); local: the model in this process, "
+                        "configured by the service's SIGLIP_* variables (SIGLIP_MODEL, SIGLIP_DEVICE, ...), no "
+                        "server")
     _common(b)
 
     s = sub.add_parser("search", help="the best matches for a text or an image")
@@ -112,7 +119,6 @@ def _print_summary(s: dict, threshold: int) -> None:
 async def _run_build(args, store, todo, stats, signals: list[int]) -> None:
     from tqdm import tqdm
 
-    from siglip.client import AsyncSiglipClient
     from siglip.index.build import INDEX_BACKOFF, Builder
 
     task = asyncio.current_task()
@@ -132,13 +138,24 @@ async def _run_build(args, store, todo, stats, signals: list[int]) -> None:
             bar.set_postfix(failed=len(stats.failures), refresh=False)
 
     try:
-        # retries=0: the builder retries itself, and narrows its window on 429s
-        async with AsyncSiglipClient(args.server, token=args.token, timeout=args.timeout, retries=0) as client:
-            builder = Builder(client, store, stats, backoff=replace(INDEX_BACKOFF, attempts=args.tries),
+        async with _embedder(args) as embedder:
+            builder = Builder(embedder, store, stats, backoff=replace(INDEX_BACKOFF, attempts=args.tries),
                               progress=progress)
             await builder.run(todo, args.batch_size, args.concurrency)
     finally:
         bar.close()
+
+
+def _embedder(args):
+    if args.engine == "local":
+        from siglip.index.local import LocalEmbedder
+        from siglip.settings import Settings
+
+        return LocalEmbedder(Settings.from_env())
+    from siglip.client import AsyncSiglipClient
+
+    # retries=0: the builder retries itself, and narrows its window on 429s
+    return AsyncSiglipClient(args.server, token=args.token, timeout=args.timeout, retries=0)
 
 
 def build(args) -> int:
@@ -195,7 +212,7 @@ def build(args) -> int:
 def search(args) -> int:
     from siglip.client import SiglipClient, SiglipError
     from siglip.index.sources import is_url
-    from siglip.index.store import CatalogStore, StoreError
+    from siglip.index.store import CatalogStore, StoreError, model_fingerprint
 
     if (args.query is None) == (args.image is None):
         print("siglip-index search: give a query text or --image, not both", file=sys.stderr)
@@ -209,6 +226,8 @@ def search(args) -> int:
     try:
         store = CatalogStore(args.db, args.table)
         with SiglipClient(args.server, token=args.token, timeout=args.timeout) as client:
+            if store.model is not None:
+                store.check_model(model_fingerprint(client.info()), f"the server at {args.server}")
             vector = client.image_embedding([image]) if image is not None else client.text_embedding([args.query])
         matches = store.search(vector[0], args.top_k)
     except SiglipError as exc:

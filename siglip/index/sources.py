@@ -1,4 +1,5 @@
-"""What to index: a folder of images, a list of URLs/paths, or a CSV, read into ``Item``s with stable ids.
+"""What to index: a folder of images, a list of URLs/paths, a CSV, or a Parquet manifest, read into ``Item``s with
+stable ids. A manifest (id + path/URL columns) is how a catalog too big to list file by file is handed over.
 
 The id is what a rerun matches on to skip work already done: the file path relative to the folder (POSIX
 separators), the line of the list as written, or the CSV's id column.
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp"})
-SourceKind = Literal["auto", "folder", "list", "csv"]
+SourceKind = Literal["auto", "folder", "list", "csv", "parquet"]
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,13 @@ def _image_ref(value: str, base: Path) -> tuple[str, str | Path]:
     return str(path), path
 
 
-def detect_kind(path: Path) -> Literal["folder", "list", "csv"]:
+def detect_kind(path: Path) -> Literal["folder", "list", "csv", "parquet"]:
     if path.is_dir():
         return "folder"
     if not path.is_file():
         raise SourceError(f"{path}: no such file or folder")
-    return "csv" if path.suffix.lower() in (".csv", ".tsv") else "list"
+    suffix = path.suffix.lower()
+    return "csv" if suffix in (".csv", ".tsv") else "parquet" if suffix in (".parquet", ".pq") else "list"
 
 
 def read_folder(root: Path) -> Catalog:
@@ -124,6 +126,34 @@ def read_csv(path: Path, id_column: str = "id", image_column: str = "image") -> 
     return catalog
 
 
+def read_parquet(path: Path, id_column: str = "id", image_column: str = "image") -> Catalog:
+    """A Parquet manifest: an id column and an image column (an http(s) URL or a path relative to the manifest's
+    folder), both strings; other columns are ignored. Read one column pair at a time, row group by row group."""
+    import pyarrow.parquet as pq
+
+    catalog, seen = Catalog(), set()
+    base = path.resolve().parent
+    manifest = pq.ParquetFile(path)
+    columns = manifest.schema_arrow.names
+    missing = [c for c in (id_column, image_column) if c not in columns]
+    if missing:
+        raise SourceError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(columns)}); "
+                          "name them with --id-column / --image-column")
+    row = 0
+    for batch in manifest.iter_batches(columns=[id_column, image_column]):
+        for item_id, value in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            row += 1
+            item_id, value = str(item_id or "").strip(), str(value or "").strip()
+            if not item_id or not value:
+                empty = id_column if not item_id else image_column
+                catalog.problems.append(Failure(item_id or f"row {row}", value, None,
+                                                f"{path.name} row {row}: empty {empty!r}"))
+                continue
+            source, image = _image_ref(value, base)
+            catalog.add(Item(item_id, source, image), seen)
+    return catalog
+
+
 def read_source(path: str | Path, kind: SourceKind = "auto", id_column: str = "id",
                 image_column: str = "image") -> Catalog:
     path = Path(path)
@@ -135,6 +165,10 @@ def read_source(path: str | Path, kind: SourceKind = "auto", id_column: str = "i
             return read_folder(path)
         if kind == "csv":
             return read_csv(path, id_column, image_column)
+        if kind == "parquet":
+            return read_parquet(path, id_column, image_column)
         return read_list(path)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except SourceError:
+        raise
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError) as exc:  # ValueError: pyarrow's ArrowInvalid
         raise SourceError(f"{path}: {exc}") from exc

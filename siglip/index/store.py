@@ -1,5 +1,9 @@
 """The catalog table in LanceDB: ``id`` (string), ``source`` (string), ``embedding`` (float32 x D, L2-normalized).
 
+The table's schema metadata names the model that wrote it (``model_fingerprint``): a build or a search with another
+checkpoint is refused, since vectors of two models are not comparable even when their widths agree (base-224 and
+base-512 are both 768-dim).
+
 LanceDB commits each ``add`` atomically (a new table version), so a write that is interrupted, even by SIGKILL,
 leaves no partial rows: together with skipping ids already in the table, a rerun writes each id exactly once.
 One build per table at a time (two concurrent builds could both write an id neither had seen).
@@ -7,9 +11,12 @@ One build per table at a time (two concurrent builds could both write an id neit
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,17 +44,38 @@ class Match:
         return {"id": self.id, "source": self.source, "score": self.score}
 
 
-def schema(dim: int) -> pa.Schema:
+MODEL_KEY = b"siglip.model"
+
+
+def model_fingerprint(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a vector space, from ``GET /info`` (or the local engine's ModelInfo): the checkpoint's name
+    (a local directory by its last path component, so the same files mounted elsewhere match), its hub revision
+    when known, family, kind and width. Serving settings (dtype, backend, NaFlex budget) are left out: they change
+    vectors by rounding, not their space."""
+    model = str(info["model"])
+    local = model.startswith(("/", "./", "../", "~")) or os.path.isdir(os.path.expanduser(model))
+    return {"model": model.rstrip("/").rsplit("/", 1)[-1] if local else model, "revision": info.get("revision"),
+            "family": info.get("family"), "model_type": info.get("model_type"), "embed_dim": info["embed_dim"]}
+
+
+def describe_model(fingerprint: Mapping[str, Any]) -> str:
+    revision = f" at {fingerprint['revision'][:12]}" if fingerprint.get("revision") else ""
+    return f"{fingerprint['model']}{revision} ({fingerprint.get('family')}, {fingerprint['embed_dim']}-dim)"
+
+
+def schema(dim: int, model: Mapping[str, Any] | None = None) -> pa.Schema:
     return pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("source", pa.string()),
-                      pa.field(EMBEDDING, pa.list_(pa.float32(), dim))])
+                      pa.field(EMBEDDING, pa.list_(pa.float32(), dim))],
+                     metadata={MODEL_KEY: json.dumps(dict(model), sort_keys=True).encode()} if model else None)
 
 
-def rows(ids: Sequence[str], sources: Sequence[str], vectors: np.ndarray) -> pa.Table:
+def rows(ids: Sequence[str], sources: Sequence[str], vectors: np.ndarray,
+         model: Mapping[str, Any] | None = None) -> pa.Table:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     dim = vectors.shape[1]
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
     return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(sources, pa.string()), embedding],
-                                schema=schema(dim))
+                                schema=schema(dim, model))
 
 
 class CatalogStore:
@@ -72,6 +100,26 @@ class CatalogStore:
     def dim(self) -> int | None:
         return None if self.table is None else self.table.schema.field(EMBEDDING).type.list_size
 
+    @property
+    def model(self) -> dict[str, Any] | None:
+        """The fingerprint of the model that wrote the table (None: no table, or one written before fingerprints)."""
+        if self.table is None:
+            return None
+        raw = (self.table.schema.metadata or {}).get(MODEL_KEY)
+        return json.loads(raw) if raw else None
+
+    def check_model(self, fingerprint: Mapping[str, Any] | None, doing: str = "this build") -> None:
+        """Refuse a model other than the table's: its vectors would not be comparable with the table's."""
+        have = self.model
+        if have is None or fingerprint is None or dict(fingerprint) == have:
+            if self.table is not None and have is None and fingerprint is not None:
+                logger.warning("table %r in %s names no model (written before model fingerprints); assuming %s",
+                               self.name, self.uri, describe_model(fingerprint))
+            return
+        raise StoreError(f"table {self.name!r} in {self.uri} holds embeddings of {describe_model(have)}, but "
+                         f"{doing} uses {describe_model(fingerprint)}: vectors of two models are not comparable; "
+                         "use another --table or --db, or the model the table was built with")
+
     def count(self) -> int:
         return 0 if self.table is None else self.table.count_rows()
 
@@ -81,13 +129,15 @@ class CatalogStore:
         column = self.table.search().select(["id"]).limit(None).to_arrow().column("id")
         return set(column.to_pylist())
 
-    def add(self, ids: Sequence[str], sources: Sequence[str], vectors: np.ndarray) -> None:
+    def add(self, ids: Sequence[str], sources: Sequence[str], vectors: np.ndarray,
+            model: Mapping[str, Any] | None = None) -> None:
+        """Append rows; ``model``: the writer's fingerprint, recorded when this creates the table."""
         if not ids:
             return
         if self.dim is not None and vectors.shape[1] != self.dim:
             raise StoreError(f"table {self.name!r} in {self.uri} holds {self.dim}-dim embeddings but the server "
                              f"returns {vectors.shape[1]}-dim ones (another model?): use another --table")
-        data = rows(ids, sources, vectors)
+        data = rows(ids, sources, vectors, model if self.table is None else self.model)
         if self.table is None:
             self.table = self.db.create_table(self.name, data=data)
         else:
