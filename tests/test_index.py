@@ -458,8 +458,20 @@ def test_local_engine_writes_the_services_embeddings(service, odd_folder, tmp_pa
     assert min(float(a @ b) for a, b in zip(vectors, want)) > 0.9999
     from siglip.index.store import CatalogStore, model_fingerprint
 
-    assert CatalogStore(str(db)).model == model_fingerprint(info) == {
-        "model": tiny_checkpoint.name, "revision": None, "family": "SigLIP 2", "model_type": "siglip", "embed_dim": 32}
+    recorded = CatalogStore(str(db)).model
+    assert recorded == model_fingerprint(info)
+    assert (recorded["model"], recorded["revision"], recorded["embed_dim"], recorded["image_height"]) == \
+        (tiny_checkpoint.name, None, 32, 64)
+
+    # Nothing left to embed (the corrupt file aside, a rerun retries failures): no model loaded, no server asked.
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "plain.png").write_bytes((odd_folder / "plain.png").read_bytes())
+    assert cli_json("build", good, "--db", db, "--table", "good", "--engine", "local", "--quiet")[0] == 0
+    monkeypatch.setenv("SIGLIP_MODEL", str(tiny_checkpoint.parent / "no-such-checkpoint"))
+    rc, again = cli_json("build", good, "--db", db, "--table", "good", "--engine", "local", "--server",
+                         f"http://127.0.0.1:{free_port()}", "--quiet")
+    assert rc == 0 and again["added"] == 0 and again["skipped"] == 1
 
 
 def test_another_model_is_refused_for_build_and_search(service, odd_folder, tmp_path, monkeypatch, capsys):
@@ -474,15 +486,61 @@ def test_another_model_is_refused_for_build_and_search(service, odd_folder, tmp_
     monkeypatch.setenv("SIGLIP_MODEL", str(other))
     rc, summary = cli_json("build", odd_folder, "--db", served, "--engine", "local", "--quiet")
     assert rc == 1 and summary["added"] == 0 and CatalogStore(str(served)).count() == 4
-    assert ("holds embeddings of tiny-siglip (SigLIP 2, 32-dim), but this build uses other-siglip (SigLIP 2, "
-            "32-dim)") in summary["error"]
+    assert ("holds embeddings of tiny-siglip (SigLIP 2, 64x64, 32-dim), but this build uses other-siglip (SigLIP 2, "
+            "48x48, 32-dim)") in summary["error"]
 
     assert cli_json("build", odd_folder, "--db", foreign, "--engine", "local", "--quiet")[0] == 3
     capsys.readouterr()
     rc, _ = cli("search", "--db", foreign, "--server", service.url, "a cat")
     assert rc == 1
-    assert (f"holds embeddings of other-siglip (SigLIP 2, 32-dim), but the server at {service.url} uses tiny-siglip"
-            in capsys.readouterr().err)
+    assert (f"holds embeddings of other-siglip (SigLIP 2, 48x48, 32-dim), but the server at {service.url} uses "
+            "tiny-siglip" in capsys.readouterr().err)
+
+
+def test_same_weights_elsewhere_match_and_old_tables_are_stamped(service, odd_folder, tiny_checkpoint, tmp_path,
+                                                                 monkeypatch):
+    """The same files under another path and name are the same model; a table from before fingerprints gets one
+    at its next build, and is then checked like any other."""
+    import shutil
+
+    from siglip.index.store import CatalogStore, rows
+
+    db = tmp_path / "db"
+    with SiglipClient(service.url) as client:
+        vector = client.image_embedding([odd_folder / "plain.png"])
+    legacy = CatalogStore(str(db))
+    legacy.table = legacy.db.create_table("images", data=rows(["plain.png"], ["x"], vector))  # no fingerprint
+    assert CatalogStore(str(db)).model is None
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "mounted" / "renamed")
+    monkeypatch.setenv("SIGLIP_MODEL", str(copy))
+    monkeypatch.setenv("SIGLIP_DTYPE", "float32")
+    rc, summary = cli_json("build", odd_folder, "--db", db, "--engine", "local", "--quiet")
+    assert rc == 3 and summary["added"] == 3 and summary["skipped"] == 1
+    assert CatalogStore(str(db)).model["model"] == "renamed"
+    # the service (tiny-siglip, same files) may add to it and search it
+    (odd_folder.parent / "more").mkdir(exist_ok=True)
+    (odd_folder.parent / "more" / "extra.png").write_bytes(encode(make_image(7)))
+    rc, summary = cli_json("build", odd_folder.parent / "more", "--db", db, "--server", service.url, "--quiet")
+    assert rc == 0 and summary["added"] == 1
+    rc, matches = cli_json("search", "--db", db, "--server", service.url, "--image", odd_folder / "plain.png")
+    assert rc == 0 and matches[0]["id"] == "plain.png"
+
+
+def test_parquet_manifest_in_parts(service, tmp_path):
+    """A folder of Parquet part files (Spark, DuckDB) is one manifest; numeric ids are read as their text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = tmp_path / "manifest"
+    parts.mkdir()
+    for k in range(2):
+        (tmp_path / f"p{k}.png").write_bytes(encode(make_image(k)))
+        pq.write_table(pa.table({"id": [100 + k], "image": [f"../p{k}.png"]}), parts / f"part-{k}.parquet")
+    (parts / "_SUCCESS").write_text("")
+    rc, summary = cli_json("build", parts, "--db", tmp_path / "db", "--server", service.url, "--quiet")
+    assert rc == 0, summary
+    ids, sources, _ = contents(tmp_path / "db")
+    assert sorted(ids) == ["100", "101"] and str(tmp_path / "p0.png") in sources
 
 
 def test_parquet_manifest_source(service, image_server, tmp_path, capsys):

@@ -121,7 +121,7 @@ class Builder:
         self.window = Window(concurrency)
         # Before any row: a table keeps one model's vectors (StoreError names both models otherwise).
         self.model = await self._fingerprint()
-        self.store.check_model(self.model)
+        self.store.check_model(self.model, stamp=True)
 
         async def worker() -> None:
             for batch in batches:  # one shared iterator: each batch goes to exactly one worker
@@ -176,8 +176,7 @@ class Builder:
         try:
             info = await self._retrying(self.client.info)
         except SiglipError as exc:
-            if exc.status == 404:
-                logger.warning("the server has no GET /info: the table will not record which model wrote it")
+            if exc.status == 404:  # a server from before GET /info: check_model says what that means here
                 return None
             raise BuildAborted(self._fatal(exc)) from None
         return model_fingerprint(info)

@@ -149,9 +149,8 @@ async def _run_build(args, store, todo, stats, signals: list[int]) -> None:
 def _embedder(args):
     if args.engine == "local":
         from siglip.index.local import LocalEmbedder
-        from siglip.settings import Settings
 
-        return LocalEmbedder(Settings.from_env())
+        return LocalEmbedder(args.settings)
     from siglip.client import AsyncSiglipClient
 
     # retries=0: the builder retries itself, and narrows its window on 429s
@@ -164,20 +163,27 @@ def build(args) -> int:
     from siglip.index.store import CatalogStore, StoreError
 
     try:
+        if args.engine == "local":
+            from siglip.settings import Settings
+
+            args.settings = Settings.from_env()  # a bad SIGLIP_* value: one line naming it, before any work
         catalog = read_source(args.source, args.kind, args.id_column, args.image_column)
         store = CatalogStore(args.db, args.table)
         todo = plan(catalog.items, store.ids())
-    except (SourceError, StoreError) as exc:
+    except (SourceError, StoreError, ValueError) as exc:
         print(f"siglip-index: {exc}", file=sys.stderr)
         return EXIT_ERROR
     stats = BuildStats(total=len(catalog.items), todo=len(todo), skipped=len(catalog.items) - len(todo))
-    logger.info("%s: %d images, %d already in table %r of %s; embedding %d through %s (batches of %d, %d in "
-                "flight)", args.source, stats.total, stats.skipped, args.table, args.db, stats.todo, args.server,
-                args.batch_size, args.concurrency)
+    through = (f"{args.settings.model} in this process (--engine local; --server, --token and --timeout do not "
+               "apply, SIGLIP_REQUEST_TIMEOUT_S does)" if args.engine == "local" else args.server)
+    logger.info("%s: %d images, %d already in table %r of %s; embedding %d with %s (batches of %d, %d in flight)",
+                args.source, stats.total, stats.skipped, args.table, args.db, stats.todo, through, args.batch_size,
+                args.concurrency)
     signals: list[int] = []
     error, interrupted, index = None, False, None
     try:
-        asyncio.run(_run_build(args, store, todo, stats, signals))
+        if todo:  # nothing to embed: no server needed, no model loaded
+            asyncio.run(_run_build(args, store, todo, stats, signals))
     except KeyboardInterrupt:
         interrupted = True
         signals.append(signal.SIGINT)
@@ -227,7 +233,13 @@ def search(args) -> int:
         store = CatalogStore(args.db, args.table)
         with SiglipClient(args.server, token=args.token, timeout=args.timeout) as client:
             if store.model is not None:
-                store.check_model(model_fingerprint(client.info()), f"the server at {args.server}")
+                try:
+                    fingerprint = model_fingerprint(client.info())
+                except SiglipError as exc:
+                    if exc.status != 404:
+                        raise
+                    fingerprint = None  # a server from before GET /info: check_model warns it cannot check
+                store.check_model(fingerprint, f"the server at {args.server}")
             vector = client.image_embedding([image]) if image is not None else client.text_embedding([args.query])
         matches = store.search(vector[0], args.top_k)
     except SiglipError as exc:

@@ -10,7 +10,9 @@ would answer), so batching, splitting on bad items, failures and resume are the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Self
@@ -53,6 +55,23 @@ class EncoderClient:
         return self.encoder.count_tokens(texts)
 
 
+async def _in_daemon_thread(fn: Any) -> None:
+    """``fn()`` in a daemon thread, awaited. Not ``to_thread``: asyncio.run waits for its executor's threads at exit,
+    so a Ctrl-C during a model download or warm-up would wait for it to finish."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+
+    def run() -> None:
+        try:
+            fn()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the build was interrupted meanwhile
+                loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+    threading.Thread(target=run, name="siglip-model-loader", daemon=True).start()
+    await finished
+
+
 class LocalEmbedder:
     """``image_embedding(images)`` as the service answers it, computed here. Use ``async with``: loading the model
     takes seconds (minutes for a first download)."""
@@ -65,14 +84,18 @@ class LocalEmbedder:
         self.engine: Engine | None = None
 
     async def __aenter__(self) -> Self:
+        from siglip.index.build import BuildAborted
         from siglip.model.encoder import SiglipEncoder
 
-        self.encoder = SiglipEncoder(self.settings)
-        await asyncio.to_thread(self.encoder.load)
-        if self.encoder.error:
-            from siglip.index.build import BuildAborted
-
-            raise BuildAborted(f"the model did not load in this process (--engine local): {self.encoder.error}")
+        try:
+            self.encoder = SiglipEncoder(self.settings)
+            logger.info("--engine local: loading %s in this process", self.settings.model)
+            await _in_daemon_thread(self.encoder.load)
+            if self.encoder.error:
+                raise BuildAborted(f"the model did not load in this process (--engine local): {self.encoder.error}")
+        except BaseException:
+            await self.__aexit__()
+            raise
         self.engine = Engine(self.settings, EncoderClient(self.encoder), self._fetcher, self._pool)
         return self
 
@@ -86,13 +109,18 @@ class LocalEmbedder:
 
     async def image_embedding(self, images: Sequence[Any]) -> np.ndarray:
         engine = self.engine
+        # Files are read (and base64-encoded, the form the request path takes) in the decode pool, not on the loop
+        # that runs the other batches' fetches. OSError (an unreadable file) is the builder's to report, as with
+        # the HTTP client.
+        wire = await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: [image_to_wire(image, f"images[{i}]") for i, image in enumerate(images)])
         try:
-            wire = [image_to_wire(image, f"images[{i}]") for i, image in enumerate(images)]
             request = parse_request(wire, {}, "image_embedding", engine.limits)
             model = await engine.model()
             done = await engine.within_deadline(engine.embed(request.images, (), model, model.image))
         except ServiceError as exc:
             raise SiglipError(exc.status, exc.message) from None
-        except (ValueError, RuntimeError) as exc:  # the model refused the batch: split like a server's 500
-            raise SiglipError(500, f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            logger.exception("unexpected error embedding a batch")
+            raise SiglipError(500, f"internal error: {type(exc).__name__}") from None
         return done.images

@@ -67,7 +67,9 @@ def _image_ref(value: str, base: Path) -> tuple[str, str | Path]:
 
 def detect_kind(path: Path) -> Literal["folder", "list", "csv", "parquet"]:
     if path.is_dir():
-        return "folder"
+        # A folder holding only Parquet files (and Spark's _SUCCESS markers) is a manifest written in parts.
+        names = [p.name for p in path.iterdir() if not p.name.startswith(("_", "."))]
+        return "parquet" if names and all(n.endswith(".parquet") for n in names) else "folder"
     if not path.is_file():
         raise SourceError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
@@ -127,23 +129,24 @@ def read_csv(path: Path, id_column: str = "id", image_column: str = "image") -> 
 
 
 def read_parquet(path: Path, id_column: str = "id", image_column: str = "image") -> Catalog:
-    """A Parquet manifest: an id column and an image column (an http(s) URL or a path relative to the manifest's
-    folder), both strings; other columns are ignored. Read one column pair at a time, row group by row group."""
-    import pyarrow.parquet as pq
+    """A Parquet manifest, one file or a folder of them: an id column (strings, or numbers written as text) and an
+    image column (an http(s) URL or a path relative to the manifest's folder); other columns are ignored. Only the
+    two columns are read, a batch at a time."""
+    import pyarrow.dataset as pads
 
     catalog, seen = Catalog(), set()
-    base = path.resolve().parent
-    manifest = pq.ParquetFile(path)
-    columns = manifest.schema_arrow.names
+    base = path.resolve() if path.is_dir() else path.resolve().parent
+    manifest = pads.dataset(path, format="parquet")  # one file, or a folder of them (Spark / DuckDB output)
+    columns = manifest.schema.names
     missing = [c for c in (id_column, image_column) if c not in columns]
     if missing:
         raise SourceError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(columns)}); "
                           "name them with --id-column / --image-column")
     row = 0
-    for batch in manifest.iter_batches(columns=[id_column, image_column]):
+    for batch in manifest.to_batches(columns=[id_column, image_column]):
         for item_id, value in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
             row += 1
-            item_id, value = str(item_id or "").strip(), str(value or "").strip()
+            item_id, value = ("" if v is None else str(v).strip() for v in (item_id, value))
             if not item_id or not value:
                 empty = id_column if not item_id else image_column
                 catalog.problems.append(Failure(item_id or f"row {row}", value, None,
@@ -159,14 +162,14 @@ def read_source(path: str | Path, kind: SourceKind = "auto", id_column: str = "i
     path = Path(path)
     kind = detect_kind(path) if kind == "auto" else kind
     try:
+        if kind == "parquet":
+            return read_parquet(path, id_column, image_column)
         if kind == "folder":
             if not path.is_dir():
                 raise SourceError(f"{path}: not a folder")
             return read_folder(path)
         if kind == "csv":
             return read_csv(path, id_column, image_column)
-        if kind == "parquet":
-            return read_parquet(path, id_column, image_column)
         return read_list(path)
     except SourceError:
         raise

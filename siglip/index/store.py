@@ -1,8 +1,8 @@
 """The catalog table in LanceDB: ``id`` (string), ``source`` (string), ``embedding`` (float32 x D, L2-normalized).
 
-The table's schema metadata names the model that wrote it (``model_fingerprint``): a build or a search with another
-checkpoint is refused, since vectors of two models are not comparable even when their widths agree (base-224 and
-base-512 are both 768-dim).
+The ``embedding`` column's metadata names the model that wrote it (``model_fingerprint``): a build or a search with
+another checkpoint is refused, since vectors of two models are not comparable even when their widths agree
+(base-224 and base-512 are both 768-dim).
 
 LanceDB commits each ``add`` atomically (a new table version), so a write that is interrupted, even by SIGKILL,
 leaves no partial rows: together with skipping ids already in the table, a rerun writes each id exactly once.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,29 +43,39 @@ class Match:
         return {"id": self.id, "source": self.source, "score": self.score}
 
 
-MODEL_KEY = b"siglip.model"
+MODEL_KEY = "siglip.model"
+# What identifies the weights, whatever the checkpoint is called or where it is mounted (google/... on the hub,
+# /models/siglip2 in a container, .../baked in a bento): the learned logit scale and bias, and the shapes.
+IDENTITY = ("family", "model_type", "embed_dim", "patch_size", "image_height", "image_width", "text_length",
+            "logit_scale", "logit_bias")
 
 
 def model_fingerprint(info: Mapping[str, Any]) -> dict[str, Any]:
-    """What identifies a vector space, from ``GET /info`` (or the local engine's ModelInfo): the checkpoint's name
-    (a local directory by its last path component, so the same files mounted elsewhere match), its hub revision
-    when known, family, kind and width. Serving settings (dtype, backend, NaFlex budget) are left out: they change
-    vectors by rounding, not their space."""
+    """The model's fingerprint, from ``GET /info`` (or the local engine's ModelInfo): the ``IDENTITY`` fields, which
+    decide whether two models' vectors are comparable, plus its name and hub revision for messages. Serving
+    settings (dtype, backend) change vectors by rounding only; a NaFlex patch budget changes the resolution an
+    image is seen at, not the space: none of them count."""
     model = str(info["model"])
-    local = model.startswith(("/", "./", "../", "~")) or os.path.isdir(os.path.expanduser(model))
+    local = model.startswith(("/", "./", "../", "~"))
     return {"model": model.rstrip("/").rsplit("/", 1)[-1] if local else model, "revision": info.get("revision"),
-            "family": info.get("family"), "model_type": info.get("model_type"), "embed_dim": info["embed_dim"]}
+            **{key: info.get(key) for key in IDENTITY}}
+
+
+def same_model(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return all(a.get(key) == b.get(key) for key in IDENTITY)
 
 
 def describe_model(fingerprint: Mapping[str, Any]) -> str:
     revision = f" at {fingerprint['revision'][:12]}" if fingerprint.get("revision") else ""
-    return f"{fingerprint['model']}{revision} ({fingerprint.get('family')}, {fingerprint['embed_dim']}-dim)"
+    size = (f"{fingerprint['image_width']}x{fingerprint['image_height']}, " if fingerprint.get("image_height")
+            else "NaFlex, " if fingerprint.get("model_type") == "siglip2" else "")
+    return f"{fingerprint['model']}{revision} ({fingerprint.get('family')}, {size}{fingerprint['embed_dim']}-dim)"
 
 
 def schema(dim: int, model: Mapping[str, Any] | None = None) -> pa.Schema:
+    meta = {MODEL_KEY: json.dumps(dict(model), sort_keys=True)} if model else None
     return pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("source", pa.string()),
-                      pa.field(EMBEDDING, pa.list_(pa.float32(), dim))],
-                     metadata={MODEL_KEY: json.dumps(dict(model), sort_keys=True).encode()} if model else None)
+                      pa.field(EMBEDDING, pa.list_(pa.float32(), dim), metadata=meta)])
 
 
 def rows(ids: Sequence[str], sources: Sequence[str], vectors: np.ndarray,
@@ -105,20 +114,33 @@ class CatalogStore:
         """The fingerprint of the model that wrote the table (None: no table, or one written before fingerprints)."""
         if self.table is None:
             return None
-        raw = (self.table.schema.metadata or {}).get(MODEL_KEY)
+        raw = (self.table.schema.field(EMBEDDING).metadata or {}).get(MODEL_KEY.encode())
         return json.loads(raw) if raw else None
 
-    def check_model(self, fingerprint: Mapping[str, Any] | None, doing: str = "this build") -> None:
-        """Refuse a model other than the table's: its vectors would not be comparable with the table's."""
+    def check_model(self, fingerprint: Mapping[str, Any] | None, doing: str = "this build",
+                    stamp: bool = False) -> None:
+        """Refuse a model other than the table's: its vectors would not be comparable with the table's. ``stamp``:
+        a table written before fingerprints gets this one (the builder's: it is about to add rows)."""
         have = self.model
-        if have is None or fingerprint is None or dict(fingerprint) == have:
-            if self.table is not None and have is None and fingerprint is not None:
-                logger.warning("table %r in %s names no model (written before model fingerprints); assuming %s",
-                               self.name, self.uri, describe_model(fingerprint))
+        if fingerprint is None:
+            if have is None and stamp:
+                logger.warning("the server has no GET /info: table %r will not record which model wrote it",
+                               self.name)
+            elif have is not None:
+                logger.warning("cannot check %s against table %r's model %s (no GET /info)", doing, self.name,
+                               describe_model(have))
             return
-        raise StoreError(f"table {self.name!r} in {self.uri} holds embeddings of {describe_model(have)}, but "
-                         f"{doing} uses {describe_model(fingerprint)}: vectors of two models are not comparable; "
-                         "use another --table or --db, or the model the table was built with")
+        if have is None:
+            if self.table is not None and stamp:
+                logger.warning("table %r in %s names no model (written before model fingerprints): recording %s",
+                               self.name, self.uri, describe_model(fingerprint))
+                self.table.update_field_metadata({"path": EMBEDDING, "metadata": {
+                    MODEL_KEY: json.dumps(dict(fingerprint), sort_keys=True)}})
+            return
+        if not same_model(have, fingerprint):
+            raise StoreError(f"table {self.name!r} in {self.uri} holds embeddings of {describe_model(have)}, but "
+                             f"{doing} uses {describe_model(fingerprint)}: vectors of two models are not comparable;"
+                             " use another --table or --db, or the model the table was built with")
 
     def count(self) -> int:
         return 0 if self.table is None else self.table.count_rows()
@@ -135,8 +157,8 @@ class CatalogStore:
         if not ids:
             return
         if self.dim is not None and vectors.shape[1] != self.dim:
-            raise StoreError(f"table {self.name!r} in {self.uri} holds {self.dim}-dim embeddings but the server "
-                             f"returns {vectors.shape[1]}-dim ones (another model?): use another --table")
+            raise StoreError(f"table {self.name!r} in {self.uri} holds {self.dim}-dim embeddings but the model "
+                             f"gives {vectors.shape[1]}-dim ones (another model?): use another --table")
         data = rows(ids, sources, vectors, model if self.table is None else self.model)
         if self.table is None:
             self.table = self.db.create_table(self.name, data=data)
