@@ -6,6 +6,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
+# Loopback unless asked: `make serve` starts with auth off. HOST=0.0.0.0 to serve other machines (set
+# SIGLIP_API_TOKEN then); the container and the Kubernetes manifests listen on all interfaces themselves.
+HOST ?= 127.0.0.1
 export BENTOML_DO_NOT_TRACK ?= True
 
 .PHONY: install install-dev serve test lint bench-cpu clean bento bento-cpu test-container
@@ -26,7 +29,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 serve: install
-	$(VENV)/bin/bentoml serve --port $(PORT)
+	$(VENV)/bin/bentoml serve --host $(HOST) --port $(PORT)
 
 test: install-dev
 	$(PY) -m pytest
