@@ -111,21 +111,31 @@ def read_csv(path: Path, id_column: str = "id", image_column: str = "image") -> 
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = reader.fieldnames or []
-        missing = [c for c in (id_column, image_column) if c not in columns]
-        if missing:
-            raise SourceError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(columns)}); "
-                              "name them with --id-column / --image-column")
+        _check_columns(path, columns, id_column, image_column)
         for row in reader:
-            line = reader.line_num
-            item_id, value = (row.get(id_column) or "").strip(), (row.get(image_column) or "").strip()
-            if not item_id or not value:
-                empty = id_column if not item_id else image_column
-                catalog.problems.append(Failure(item_id or f"line {line}", value, None,
-                                                f"{path.name} line {line}: empty {empty!r}"))
-                continue
-            source, image = _image_ref(value, base)
-            catalog.add(Item(item_id, source, image), seen)
+            _add_row(catalog, seen, row.get(id_column), row.get(image_column), base, path.name,
+                     f"line {reader.line_num}", (id_column, image_column))
     return catalog
+
+
+def _check_columns(path: Path, columns: list[str], id_column: str, image_column: str) -> None:
+    missing = [c for c in (id_column, image_column) if c not in columns]
+    if missing:
+        raise SourceError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(columns)}); "
+                          "name them with --id-column / --image-column")
+
+
+def _add_row(catalog: Catalog, seen: set[str], item_id: object, value: object, base: Path, file: str,
+             position: str, names: tuple[str, str]) -> None:
+    """One manifest row (CSV or Parquet) at ``position`` ("line 5", "row 3"): an item, or a problem naming the row
+    and its empty column."""
+    item_id, value = ("" if v is None else str(v).strip() for v in (item_id, value))
+    if not item_id or not value:
+        catalog.problems.append(Failure(item_id or position, value, None,
+                                        f"{file} {position}: empty {names[0] if not item_id else names[1]!r}"))
+        return
+    source, image = _image_ref(value, base)
+    catalog.add(Item(item_id, source, image), seen)
 
 
 def read_parquet(path: Path, id_column: str = "id", image_column: str = "image") -> Catalog:
@@ -137,23 +147,12 @@ def read_parquet(path: Path, id_column: str = "id", image_column: str = "image")
     catalog, seen = Catalog(), set()
     base = path.resolve() if path.is_dir() else path.resolve().parent
     manifest = pads.dataset(path, format="parquet")  # one file, or a folder of them (Spark / DuckDB output)
-    columns = manifest.schema.names
-    missing = [c for c in (id_column, image_column) if c not in columns]
-    if missing:
-        raise SourceError(f"{path}: no column {', '.join(map(repr, missing))} (columns: {', '.join(columns)}); "
-                          "name them with --id-column / --image-column")
+    _check_columns(path, manifest.schema.names, id_column, image_column)
     row = 0
     for batch in manifest.to_batches(columns=[id_column, image_column]):
         for item_id, value in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
             row += 1
-            item_id, value = ("" if v is None else str(v).strip() for v in (item_id, value))
-            if not item_id or not value:
-                empty = id_column if not item_id else image_column
-                catalog.problems.append(Failure(item_id or f"row {row}", value, None,
-                                                f"{path.name} row {row}: empty {empty!r}"))
-                continue
-            source, image = _image_ref(value, base)
-            catalog.add(Item(item_id, source, image), seen)
+            _add_row(catalog, seen, item_id, value, base, path.name, f"row {row}", (id_column, image_column))
     return catalog
 
 
