@@ -573,3 +573,31 @@ def test_parquet_manifest_source(service, image_server, tmp_path, capsys):
         from siglip.index.sources import read_source
 
         read_source(bad)
+
+
+def test_status_lists_failures_until_fixed_and_finalize_compacts(service, odd_folder, tmp_path, capsys):
+    """Failed items are kept in a failures table with the service's error until a rerun indexes them; finalize
+    leaves one version and a searchable table; status and finalize create nothing."""
+    import shutil
+
+    folder = shutil.copytree(odd_folder, tmp_path / "photos")
+    db = tmp_path / "db"
+    assert cli_json("build", folder, "--db", db, "--server", service.url, "--batch-size", 2, "--quiet")[0] == 3
+    rc, status = cli_json("status", "--db", db)
+    assert rc == 0 and status["rows"] == 4 and status["failures"] == 1 and status["model"]["embed_dim"] == 32
+    [failed] = status["failed"]
+    assert failed["id"] == BROKEN and failed["status"] == 400 and NOT_AN_IMAGE_400 in failed["error"]
+
+    (folder / BROKEN).write_bytes(encode(make_image(11), "JPEG"))  # fixed at the source
+    assert cli_json("build", folder, "--db", db, "--server", service.url, "--quiet")[0] == 0
+    rc, status = cli_json("status", "--db", db)
+    assert status["rows"] == 5 and status["failures"] == 0 and status["failed"] == [] and status["versions"] > 1
+
+    rc, final = cli_json("finalize", "--db", db)
+    assert rc == 0 and final["versions"] == 1 and final["rows"] == 5
+    rc, matches = cli_json("search", "--db", db, "--server", service.url, "--image", folder / BROKEN)
+    assert rc == 0 and matches[0]["id"] == BROKEN
+
+    capsys.readouterr()
+    assert cli("status", "--db", tmp_path / "nothing")[0] == 1
+    assert "no such database" in capsys.readouterr().err and not (tmp_path / "nothing").exists()

@@ -82,6 +82,7 @@ class BuildStats:
     skipped: int = 0  # already in the table
     todo: int = 0
     added: int = 0
+    added_ids: list[str] = field(default_factory=list)  # what this build wrote (their old failure rows go)
     failures: list[Failure] = field(default_factory=list)
     retries: Counter = field(default_factory=Counter)  # by status ("429", "503", "connection", ...)
     requests: int = 0
@@ -145,6 +146,7 @@ class Builder:
             # Synchronous on purpose: a cancellation (Ctrl-C, SIGTERM) lands at an await, never mid-commit.
             self.store.add([i.id for i in done], [i.source for i in done], np.concatenate(vectors), self.model)
             self.stats.added += len(done)
+            self.stats.added_ids.extend(i.id for i in done)
         self.progress(len(batch))
 
     async def _embed(self, items: Sequence[Item], done: list[Item], vectors: list[np.ndarray]) -> None:

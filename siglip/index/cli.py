@@ -5,6 +5,8 @@ and search it.
     siglip-index build ./photos --db ./catalog --engine local   # no server: SIGLIP_MODEL loaded here
     siglip-index search --db ./catalog "a red car"      # text query
     siglip-index search --db ./catalog --image q.jpg    # image query (a path or an http(s) URL)
+    siglip-index status --db ./catalog                  # rows, model, index, versions, failed items
+    siglip-index finalize --db ./catalog                # compact, drop old versions, build the ANN index
 
 Exit status of build: 0 every item indexed; 3 finished, some items failed (listed); 1 stopped by an error
 (server unreachable, auth, wrong URL); 130/143 interrupted (SIGINT/SIGTERM; rerun to resume); 2 bad usage.
@@ -78,6 +80,16 @@ def parser() -> argparse.ArgumentParser:
                         "configured by the service's SIGLIP_* variables (SIGLIP_MODEL, SIGLIP_DEVICE, ...), no "
                         "server")
     _common(b)
+
+    st = sub.add_parser("status", help="what a table holds: rows, model, ANN index, versions, failed items")
+    st.add_argument("--failures", type=int, default=SHOWN_FAILURES, metavar="N",
+                    help=f"failed items to list (default: {SHOWN_FAILURES}; --json lists them all)")
+    _common(st)
+    f = sub.add_parser("finalize", help="compact the table, drop old versions, build the ANN index (no build may "
+                                        "be writing to the table)")
+    f.add_argument("--index-threshold", type=int, default=DEFAULT_INDEX_THRESHOLD, metavar="ROWS",
+                   help=f"build the ANN index at this many rows (default: {DEFAULT_INDEX_THRESHOLD}; 0: never)")
+    _common(f)
 
     s = sub.add_parser("search", help="the best matches for a text or an image")
     s.add_argument("query", nargs="?", help="query text")
@@ -199,6 +211,11 @@ def build(args) -> int:
             signals.append(signal.SIGINT)
     else:
         index = store.vector_index()
+    try:
+        # The failures table follows what this build settled, interrupted or not: a later `status` lists them.
+        store.record_failures(catalog.problems + stats.failures, stats.added_ids)
+    except Exception as exc:  # noqa: BLE001 - the rows are written; losing the failure list must not hide them
+        logger.warning("could not record the failed items in %s: %s", args.db, exc)
     summary = _summary(args, store, catalog, stats, index, interrupted)
     if args.json:
         print(json.dumps(summary | ({"error": error} if error else {}), indent=1))
@@ -265,6 +282,66 @@ class _StderrHandler(logging.Handler):
         print(self.format(record), file=sys.stderr)
 
 
+# -------------------------------------------------------------------------------------------------------------
+# status and finalize
+# -------------------------------------------------------------------------------------------------------------
+def _open_existing(args):
+    """The store of an existing table, or None after printing why (status and finalize create nothing)."""
+    from siglip.index.store import CatalogStore
+
+    if "://" not in args.db and not Path(args.db).is_dir():
+        print(f"siglip-index {args.command}: {args.db}: no such database", file=sys.stderr)
+        return None
+    store = CatalogStore(args.db, args.table)
+    if store.table is None:
+        print(f"siglip-index {args.command}: no table {args.table!r} in {args.db}", file=sys.stderr)
+        return None
+    return store
+
+
+def _print_status(s: dict, failures: list[dict], shown: int) -> None:
+    from siglip.index.store import describe_model
+
+    model = describe_model(s["model"]) if s["model"] else "not recorded (written before model fingerprints)"
+    print(f"table {s['table']!r} in {s['db']}: {s['rows']} rows, model {model}; ANN index: {s['index'] or 'none'}; "
+          f"{s['versions']} versions kept; {s['failures']} failed items")
+    for f in failures[:shown]:
+        status = f"HTTP {f['status']}" if f["status"] is not None else "error"
+        print(f"  failed {f['id']}: {status}: {f['error']}")
+    if s["failures"] > shown:
+        print(f"  ... and {s['failures'] - shown} more (--json lists them all)")
+
+
+def status(args) -> int:
+    store = _open_existing(args)
+    if store is None:
+        return EXIT_ERROR
+    summary, failures = store.status(), store.failures()
+    if args.json:
+        print(json.dumps(summary | {"failed": failures}, indent=1))
+    else:
+        _print_status(summary, failures, args.failures)
+    return EXIT_OK
+
+
+def finalize(args) -> int:
+    from siglip.index.store import StoreError
+
+    store = _open_existing(args)
+    if store is None:
+        return EXIT_ERROR
+    try:
+        summary = store.finalize(args.index_threshold)
+    except StoreError as exc:
+        print(f"siglip-index finalize: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        _print_status(summary, store.failures(), SHOWN_FAILURES)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not logger.handlers:
@@ -272,4 +349,4 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("siglip-index: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    return build(args) if args.command == "build" else search(args)
+    return {"build": build, "search": search, "status": status, "finalize": finalize}[args.command](args)

@@ -87,6 +87,15 @@ def rows(ids: Sequence[str], sources: Sequence[str], vectors: np.ndarray,
                                 schema=schema(dim, model))
 
 
+FAILURES = "{table}_failures"  # beside each catalog table: the items its builds could not embed, and why
+FAILURE_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("source", pa.string()),
+                            pa.field("status", pa.int32()), pa.field("error", pa.string())])
+
+
+def _quoted(ids: Sequence[str]) -> str:
+    return ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+
+
 class CatalogStore:
     """One table of one LanceDB database (a local directory, or any URI LanceDB accepts, e.g. ``s3://...``).
     The table is created by the first ``add``, when the embedding size is known."""
@@ -164,6 +173,56 @@ class CatalogStore:
             self.table = self.db.create_table(self.name, data=data)
         else:
             self.table.add(data)
+
+    # -- failures -----------------------------------------------------------------------------------------------
+    def _failures_table(self, create: bool = False):
+        name = FAILURES.format(table=self.name)
+        try:
+            return self.db.open_table(name)
+        except ValueError:
+            return self.db.create_table(name, schema=FAILURE_SCHEMA) if create else None
+
+    def record_failures(self, failures: Sequence[Any], settled: Sequence[str]) -> None:
+        """After a build: ``settled`` ids (tried again by it, and now indexed or failed anew) lose their old failure
+        rows; ``failures`` (``siglip.index.sources.Failure``) are written with the error the service gave."""
+        table = self._failures_table(create=bool(failures))
+        if table is None:
+            return
+        ids = sorted(set(settled) | {f.id for f in failures})
+        for start in range(0, len(ids), 1000):  # bounded predicates
+            table.delete(f"id IN ({_quoted(ids[start:start + 1000])})")
+        if failures:
+            table.add(pa.Table.from_pylist([{"id": f.id, "source": f.source, "status": f.status, "error": f.error}
+                                            for f in failures], schema=FAILURE_SCHEMA))
+
+    def failures(self, limit: int | None = None) -> list[dict[str, Any]]:
+        table = self._failures_table()
+        if table is None:
+            return []
+        rows = table.to_arrow().sort_by("id").to_pylist()
+        return rows if limit is None else rows[:limit]
+
+    # -- status and finalize --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """What is in the table: rows, the model that wrote it, the ANN index, versions kept, failed items."""
+        failures = self._failures_table()
+        return {"db": self.uri, "table": self.name, "rows": self.count(), "model": self.model,
+                "index": self.vector_index(), "versions": len(self.table.list_versions()) if self.table else 0,
+                "failures": failures.count_rows() if failures is not None else 0}
+
+    def finalize(self, index_threshold: int = DEFAULT_INDEX_THRESHOLD) -> dict[str, Any]:
+        """Compact, drop every old version (only safe while no build writes to this table), and build the ANN
+        index when the table has ``index_threshold`` rows. Returns ``status()`` after."""
+        if self.table is None:
+            raise StoreError(f"no table {self.name!r} in {self.uri}: run `siglip-index build` first")
+        from datetime import timedelta
+
+        self.table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+        self.finish(index_threshold, changed=False)
+        failures = self._failures_table()
+        if failures is not None:
+            failures.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+        return self.status()
 
     def vector_index(self) -> str | None:
         """The type of the index on the embedding column, if any (e.g. "IVF_HNSW_SQ")."""
