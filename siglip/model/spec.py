@@ -41,19 +41,6 @@ class CheckpointSpec:
     def naflex(self) -> bool:
         return self.model_type == "siglip2"
 
-    @property
-    def grid(self) -> tuple[int, int] | None:
-        """Fixed resolution: the patch grid the vision tower sees (so400m-patch14-384: 27x27, its 378 px)."""
-        if self.image_size is None:
-            return None
-        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
-
-    @property
-    def image_tokens(self) -> int | None:
-        """Fixed resolution: patches per image (every image has the same number)."""
-        grid = self.grid
-        return grid[0] * grid[1] if grid else None
-
     def describe(self, max_num_patches: int | None = None) -> str:
         """One line for logs; ``max_num_patches``: the budget in force when it is not the checkpoint's."""
         if self.naflex:
