@@ -414,8 +414,8 @@ def test_sources_name_items_stably(tmp_path):
     with pytest.raises(SourceError, match="no column 'id', 'image'"):
         read_csv(bad)
 
-    items = [Item("a", "a", "a"), Item("b", "b", "b")]
-    assert plan(items, {"a"}) == [items[1]]
+    items = [Item("a", "a", "a"), Item("b", "b", "b"), Item("c", "c", "c")]
+    assert plan(items, {"a"}, shard_size=2) == [Item("b", "b", "b", shard=0), Item("c", "c", "c", shard=1)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -81,6 +81,9 @@ class BuildStats:
     total: int = 0  # items in the source
     skipped: int = 0  # already in the table
     todo: int = 0
+    shards: int = 0  # in the source
+    shards_todo: int = 0  # with an item not in the table yet
+    shards_done: int = 0  # committed by this build (ray engine)
     added: int = 0
     added_ids: list[str] = field(default_factory=list)  # what this build wrote (their old failure rows go)
     failures: list[Failure] = field(default_factory=list)
@@ -98,9 +101,15 @@ class BuildStats:
         return self.added / self.seconds if self.seconds > 0 else 0.0
 
 
-def plan(items: Sequence[Item], existing: set[str]) -> list[Item]:
-    """The items still to embed: those whose id is not in the table yet."""
-    return [item for item in items if item.id not in existing]
+DEFAULT_SHARD_SIZE = 10_000  # images per shard (img2dataset's size): a ray build commits whole shards
+DEFAULT_COMMIT_EVERY = 4  # shards per commit (ray): fewer table versions; at most this many lost to a crash
+
+
+def plan(items: Sequence[Item], existing: set[str], shard_size: int = DEFAULT_SHARD_SIZE) -> list[Item]:
+    """The items still to embed (those whose id is not in the table yet), each with its shard: its position in the
+    source // ``shard_size``, the same in every run over the same source."""
+    return [replace(item, shard=position // shard_size) for position, item in enumerate(items)
+            if item.id not in existing]
 
 
 def _status_key(status: int | None) -> str:
@@ -144,7 +153,8 @@ class Builder:
         await self._embed(batch, done, vectors)
         if done:
             # Synchronous on purpose: a cancellation (Ctrl-C, SIGTERM) lands at an await, never mid-commit.
-            self.store.add([i.id for i in done], [i.source for i in done], np.concatenate(vectors), self.model)
+            self.store.add([i.id for i in done], [i.source for i in done], np.concatenate(vectors), self.model,
+                           [i.shard for i in done])
             self.stats.added += len(done)
             self.stats.added_ids.extend(i.id for i in done)
         self.progress(len(batch))

@@ -3,6 +3,7 @@ and search it.
 
     siglip-index build ./photos --db ./catalog          # a folder (recursive), a list of URLs, or a CSV
     siglip-index build ./photos --db ./catalog --engine local   # no server: SIGLIP_MODEL loaded here
+    siglip-index build manifest.parquet --db ./catalog --engine ray   # a Ray cluster (RAY_ADDRESS) or a local one
     siglip-index search --db ./catalog "a red car"      # text query
     siglip-index search --db ./catalog --image q.jpg    # image query (a path or an http(s) URL)
     siglip-index status --db ./catalog                  # rows, model, index, versions, failed items
@@ -21,9 +22,11 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
+from siglip.index.build import DEFAULT_COMMIT_EVERY, DEFAULT_SHARD_SIZE
 from siglip.index.store import DEFAULT_INDEX_THRESHOLD
 
 logger = logging.getLogger("siglip.index")
@@ -43,6 +46,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
                         help="seconds per request (default: 120)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _actors(value: str) -> tuple[int, int]:
+    low, _, high = value.partition(",")
+    try:
+        pair = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX or N, got {value!r}") from None
+    if not 1 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"need 1 <= MIN <= MAX, got {value!r}")
+    return pair
 
 
 def _positive(value: str) -> int:
@@ -66,8 +80,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--image-column", default="image",
                    help="CSV/Parquet: the column with an http(s) URL or a path relative to the file (default: "
                         "image)")
-    b.add_argument("--batch-size", type=_positive, default=16,
-                   help="images per request, at most the server's SIGLIP_MAX_IMAGES_PER_REQUEST (default: 16)")
+    b.add_argument("--batch-size", type=_positive, default=None,
+                   help="images per request, at most the server's SIGLIP_MAX_IMAGES_PER_REQUEST (default: 16); "
+                        "ray: images per embed call on an actor (default: 64)")
     b.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default: 4)")
     b.add_argument("--tries", type=_positive, default=8,
                    help="tries per request on 429/502/503/504 or a broken connection (default: 8)")
@@ -75,10 +90,30 @@ def parser() -> argparse.ArgumentParser:
                    help="build the IVF_HNSW_SQ cosine index once the table has this many rows; below it search "
                         f"is exact (default: {DEFAULT_INDEX_THRESHOLD}; 0: never)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
-    b.add_argument("--engine", choices=["http", "local"], default="http",
+    b.add_argument("--engine", choices=["http", "local", "ray"], default="http",
                    help="http: through the service at --server (default); local: the model in this process, "
                         "configured by the service's SIGLIP_* variables (SIGLIP_MODEL, SIGLIP_DEVICE, ...), no "
-                        "server")
+                        "server; ray: a Ray Data pipeline (decode on CPU tasks, embed on GPU actors), same "
+                        "variables, needs the [scale] extra")
+    b.add_argument("--shard-size", type=_positive, default=DEFAULT_SHARD_SIZE, metavar="N",
+                   help=f"images per shard: the ray engine commits whole shards, so a crash loses at most the "
+                        f"shards in flight (default: {DEFAULT_SHARD_SIZE:,})")
+    r = b.add_argument_group("ray engine")
+    r.add_argument("--address", default=None,
+                   help="the Ray cluster to join (default: $RAY_ADDRESS; none: start one on this machine, "
+                        "listening on 127.0.0.1 only)")
+    r.add_argument("--actors", type=_actors, default=None, metavar="MIN,MAX",
+                   help="embed actors, each loading the model once; Ray Data scales between MIN and MAX "
+                        "(default: 1,<GPUs in the cluster> or 1,1 without GPUs; N means N,N)")
+    r.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
+                   help="GPUs per actor; 0.5 puts two actors on a GPU (default: 1 on a cluster with GPUs, else 0)")
+    r.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="C",
+                   help="CPUs each actor reserves (default: 1; less when the actors would leave none for "
+                        "decoding on a cluster of fixed size)")
+    r.add_argument("--decode-cpus", type=float, default=1.0, metavar="C",
+                   help="CPUs per decode task (default: 1); the cluster's other CPUs decode in parallel")
+    r.add_argument("--commit-every", type=_positive, default=DEFAULT_COMMIT_EVERY, metavar="SHARDS",
+                   help=f"finished shards per commit (default: {DEFAULT_COMMIT_EVERY})")
     _common(b)
 
     st = sub.add_parser("status", help="what a table holds: rows, model, ANN index, versions, failed items")
@@ -105,6 +140,7 @@ def parser() -> argparse.ArgumentParser:
 def _summary(args, store, catalog, stats, index: str | None, interrupted: bool) -> dict:
     failed = catalog.problems + stats.failures
     return {"db": args.db, "table": args.table, "rows": store.count(), "in_source": len(catalog.items),
+            "shards": stats.shards, "shards_todo": stats.shards_todo, "shards_done": stats.shards_done,
             "skipped": stats.skipped, "added": stats.added, "duplicates": catalog.duplicates,
             "failed": [f.as_dict() for f in failed], "retries": dict(stats.retries), "requests": stats.requests,
             "seconds": round(stats.seconds, 2), "images_per_s": round(stats.rate, 2), "index": index,
@@ -115,6 +151,8 @@ def _print_summary(s: dict, threshold: int) -> None:
     print(f"{s['in_source']} images in the source: {s['skipped']} already in the table, {s['added']} added, "
           f"{len(s['failed'])} failed ({s['seconds']:.1f} s, {s['images_per_s']:.1f} images/s)"
           + (f"; {s['duplicates']} duplicate ids ignored" if s["duplicates"] else ""))
+    if s["shards_done"]:
+        print(f"shards: {s['shards_done']} of the {s['shards_todo']} to do committed ({s['shards']} in the source)")
     if s["retries"]:
         print("retried: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["retries"].items())))
     index = s["index"] or (f"none (exact search; built at {threshold:,} rows)" if threshold else "none")
@@ -158,6 +196,60 @@ async def _run_build(args, store, todo, stats, signals: list[int]) -> None:
         bar.close()
 
 
+def _ray_resources(args, cluster: dict):
+    """The stages' resources: the flags, with defaults sized to the cluster (``ray.cluster_resources()``)."""
+    from siglip.index.raydata import Resources
+
+    gpus = cluster.get("GPU", 0)
+    per_actor = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    actors = args.actors or (1, max(1, int(gpus / per_actor)) if per_actor else 1)
+    return Resources(actors, per_actor, args.cpus_per_actor, args.decode_cpus, args.batch_size).fit(
+        cluster.get("CPU", 0))
+
+
+def _run_ray_build(args, store, todo, stats, signals: list[int]) -> None:
+    from tqdm import tqdm
+
+    from siglip.index import shards
+    from siglip.index.build import BuildAborted
+    from siglip.index.raydata import connect, model_info
+    from siglip.index.store import StoreError, model_fingerprint
+
+    def on_term(signum, frame) -> None:
+        signals.append(signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    bar = None
+    ray = None
+    try:
+        ray = connect(args.address)
+        resources = _ray_resources(args, ray.cluster_resources())
+        logger.info("ray cluster: %s; %d-%d embed actors x (%g GPU, %g CPU), decode tasks of %g CPU, batches of %d",
+                    ", ".join(f"{v:g} {k}" for k, v in sorted(ray.cluster_resources().items())
+                              if k in ("CPU", "GPU")), *resources.actors, resources.gpus_per_actor,
+                    resources.cpus_per_actor, resources.decode_cpus, resources.batch_size)
+        info = model_info(args.settings, resources)
+        fingerprint = model_fingerprint(info)
+        store.check_model(fingerprint, stamp=True)
+        store.prepare_for_fragments(info["embed_dim"], fingerprint)
+        bar = tqdm(total=len(todo), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
+                   smoothing=0.1)
+        shards.build(store, todo, stats, settings=args.settings, resources=resources, info=info,
+                     shard_size=args.shard_size, commit_every=args.commit_every, progress=bar.update)
+    except (KeyboardInterrupt, StoreError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors in many types; the build stops with the cause
+        raise BuildAborted(f"the ray pipeline stopped: {type(exc).__name__}: {exc}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if bar is not None:
+            bar.close()
+        stats.finished = time.monotonic()
+        if ray is not None and not args.address and not os.environ.get("RAY_ADDRESS"):
+            ray.shutdown()  # the cluster this run started
+
+
 def _embedder(args):
     if args.engine == "local":
         from siglip.index.local import LocalEmbedder
@@ -175,26 +267,41 @@ def build(args) -> int:
     from siglip.index.store import CatalogStore, StoreError
 
     try:
-        if args.engine == "local":
+        if args.engine != "http":
             from siglip.settings import Settings
 
             args.settings = Settings.from_env()  # a bad SIGLIP_* value: one line naming it, before any work
+        if args.engine == "ray":
+            from siglip.index.raydata import import_ray
+
+            import_ray()  # without the [scale] extra: say so before reading a big source
+        args.batch_size = args.batch_size or (64 if args.engine == "ray" else 16)
         catalog = read_source(args.source, args.kind, args.id_column, args.image_column)
         store = CatalogStore(args.db, args.table)
-        todo = plan(catalog.items, store.ids())
-    except (SourceError, StoreError, ValueError) as exc:
+        todo = plan(catalog.items, store.ids(), args.shard_size)
+    except (SourceError, StoreError, ValueError, ImportError) as exc:
         print(f"siglip-index: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    stats = BuildStats(total=len(catalog.items), todo=len(todo), skipped=len(catalog.items) - len(todo))
-    through = (f"{args.settings.model} in this process (--engine local; --server, --token and --timeout do not "
-               "apply, SIGLIP_REQUEST_TIMEOUT_S does)" if args.engine == "local" else args.server)
-    logger.info("%s: %d images, %d already in table %r of %s; embedding %d with %s (batches of %d, %d in flight)",
+    shards = -(-len(catalog.items) // args.shard_size)
+    stats = BuildStats(total=len(catalog.items), todo=len(todo), skipped=len(catalog.items) - len(todo),
+                       shards=shards, shards_todo=len({item.shard for item in todo}))
+    if args.engine == "http":
+        through = args.server
+    elif args.engine == "local":
+        through = (f"{args.settings.model} in this process (--engine local; --server, --token and --timeout do "
+                   "not apply, SIGLIP_REQUEST_TIMEOUT_S does)")
+    else:
+        through = (f"{args.settings.model} on Ray ({stats.shards_todo} of {shards} shards of {args.shard_size:,} "
+                   "to do)")
+    logger.info("%s: %d images, %d already in table %r of %s; embedding %d with %s (batches of %d%s)",
                 args.source, stats.total, stats.skipped, args.table, args.db, stats.todo, through, args.batch_size,
-                args.concurrency)
+                "" if args.engine == "ray" else f", {args.concurrency} in flight")
     signals: list[int] = []
     error, interrupted, index = None, False, None
     try:
-        if todo:  # nothing to embed: no server needed, no model loaded
+        if todo and args.engine == "ray":
+            _run_ray_build(args, store, todo, stats, signals)
+        elif todo:  # nothing to embed: no server needed, no model loaded
             asyncio.run(_run_build(args, store, todo, stats, signals))
     except KeyboardInterrupt:
         interrupted = True
@@ -303,7 +410,9 @@ def _print_status(s: dict, failures: list[dict], shown: int) -> None:
     from siglip.index.store import describe_model
 
     model = describe_model(s["model"]) if s["model"] else "not recorded (written before model fingerprints)"
-    print(f"table {s['table']!r} in {s['db']}: {s['rows']} rows, model {model}; ANN index: {s['index'] or 'none'}; "
+    shards = f" in {s['shards']} shards" if s["shards"] else ""
+    print(f"table {s['table']!r} in {s['db']}: {s['rows']} rows{shards}, model {model}; ANN index: "
+          f"{s['index'] or 'none'}; "
           f"{s['versions']} versions kept; {s['failures']} failed items")
     for f in failures[:shown]:
         status = f"HTTP {f['status']}" if f["status"] is not None else "error"

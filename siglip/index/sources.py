@@ -22,6 +22,7 @@ class Item:
     id: str
     source: str  # stored beside the embedding: the absolute path or the URL
     image: str | Path  # what the client is given: a URL, or a Path it reads itself
+    shard: int | None = None  # position in the source // shard size (set by ``siglip.index.build.plan``)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The catalog table in LanceDB: ``id`` (string), ``source`` (string), ``embedding`` (float32 x D, L2-normalized).
+"""The catalog table in LanceDB: ``id`` (string), ``source`` (string), ``embedding`` (float32 x D, L2-normalized),
+``shard`` (int64: the item's position in the source // the build's shard size; null in tables from before shards).
 
 The ``embedding`` column's metadata names the model that wrote it (``model_fingerprint``): a build or a search with
 another checkpoint is refused, since vectors of two models are not comparable even when their widths agree
@@ -7,6 +8,9 @@ another checkpoint is refused, since vectors of two models are not comparable ev
 LanceDB commits each ``add`` atomically (a new table version), so a write that is interrupted, even by SIGKILL,
 leaves no partial rows: together with skipping ids already in the table, a rerun writes each id exactly once.
 One build per table at a time (two concurrent builds could both write an id neither had seen).
+
+The ``ray`` engine writes differently (``siglip.index.shards``): its workers write Lance fragments and the driver
+commits them, a few whole shards per commit (``commit_fragments``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # pa.compute is a separate import
 
 logger = logging.getLogger("siglip.index")
 
@@ -72,19 +77,26 @@ def describe_model(fingerprint: Mapping[str, Any]) -> str:
     return f"{fingerprint['model']}{revision} ({fingerprint.get('family')}, {size}{fingerprint['embed_dim']}-dim)"
 
 
-def schema(dim: int, model: Mapping[str, Any] | None = None) -> pa.Schema:
+SHARD = "shard"
+
+
+def schema(dim: int, model: Mapping[str, Any] | None = None, shard: bool = True) -> pa.Schema:
     meta = {MODEL_KEY: json.dumps(dict(model), sort_keys=True)} if model else None
-    return pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("source", pa.string()),
-                      pa.field(EMBEDDING, pa.list_(pa.float32(), dim), metadata=meta)])
+    fields = [pa.field("id", pa.string(), nullable=False), pa.field("source", pa.string()),
+              pa.field(EMBEDDING, pa.list_(pa.float32(), dim), metadata=meta)]
+    return pa.schema(fields + [pa.field(SHARD, pa.int64())] if shard else fields)
 
 
 def rows(ids: Sequence[str], sources: Sequence[str], vectors: np.ndarray,
-         model: Mapping[str, Any] | None = None) -> pa.Table:
+         model: Mapping[str, Any] | None = None, shards: Sequence[int | None] | None = None) -> pa.Table:
+    """Rows of the catalog table; without ``shards``, the schema of tables from before shards."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     dim = vectors.shape[1]
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
-    return pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(sources, pa.string()), embedding],
-                                schema=schema(dim, model))
+    columns = [pa.array(ids, pa.string()), pa.array(sources, pa.string()), embedding]
+    if shards is not None:
+        columns.append(pa.array(shards, pa.int64()))
+    return pa.Table.from_arrays(columns, schema=schema(dim, model, shard=shards is not None))
 
 
 FAILURES = "{table}_failures"  # beside each catalog table: the items its builds could not embed, and why
@@ -160,19 +172,58 @@ class CatalogStore:
         column = self.table.search().select(["id"]).limit(None).to_arrow().column("id")
         return set(column.to_pylist())
 
+    @property
+    def has_shards(self) -> bool:
+        return self.table is None or SHARD in self.table.schema.names
+
     def add(self, ids: Sequence[str], sources: Sequence[str], vectors: np.ndarray,
-            model: Mapping[str, Any] | None = None) -> None:
+            model: Mapping[str, Any] | None = None, shards: Sequence[int | None] | None = None) -> None:
         """Append rows; ``model``: the writer's fingerprint, recorded when this creates the table."""
         if not ids:
             return
-        if self.dim is not None and vectors.shape[1] != self.dim:
-            raise StoreError(f"table {self.name!r} in {self.uri} holds {self.dim}-dim embeddings but the model "
-                             f"gives {vectors.shape[1]}-dim ones (another model?): use another --table")
-        data = rows(ids, sources, vectors, model if self.table is None else self.model)
+        self._check_dim(vectors.shape[1])
+        shards = (shards if shards is not None else [None] * len(ids)) if self.has_shards else None
+        data = rows(ids, sources, vectors, model if self.table is None else self.model, shards)
         if self.table is None:
             self.table = self.db.create_table(self.name, data=data)
         else:
             self.table.add(data)
+
+    def _check_dim(self, dim: int) -> None:
+        if self.dim is not None and dim != self.dim:
+            raise StoreError(f"table {self.name!r} in {self.uri} holds {self.dim}-dim embeddings but the model "
+                             f"gives {dim}-dim ones (another model?): use another --table")
+
+    # -- fragments written elsewhere (the ray engine) -----------------------------------------------------------
+    def prepare_for_fragments(self, dim: int, model: Mapping[str, Any] | None) -> tuple[str, pa.Schema]:
+        """Before workers write fragments: the table exists (empty if new) with a shard column. Returns the Lance
+        dataset's URI and the schema the fragments must have."""
+        self._check_dim(dim)
+        if self.table is None:
+            self.table = self.db.create_table(self.name, schema=schema(dim, model))
+        elif SHARD not in self.table.schema.names:
+            logger.info("adding a shard column to table %r (written before shards; its rows get none)", self.name)
+            self.table.add_columns(pa.field(SHARD, pa.int64()))
+        return self.table.to_lance().uri, self.table.schema
+
+    def commit_fragments(self, fragments: Sequence[Any]) -> None:
+        """Make fragments written by ``lance.fragment.write_fragments`` (``FragmentMetadata``) part of the table, in
+        one commit (a new version): all of them or, if this is interrupted, none."""
+        import lance
+
+        if not fragments:
+            return
+        dataset = self.table.to_lance()
+        lance.LanceDataset.commit(dataset.uri, lance.LanceOperation.Append(list(fragments)),
+                                  read_version=dataset.version)
+        self.table.checkout_latest()
+
+    def shards(self) -> int:
+        """How many shards have rows (with the ray engine, a shard's rows are committed all at once)."""
+        if self.table is None or SHARD not in self.table.schema.names:
+            return 0
+        column = self.table.search().select([SHARD]).limit(None).to_arrow().column(SHARD)
+        return len(pa.compute.unique(column.drop_null()))
 
     # -- failures -----------------------------------------------------------------------------------------------
     def _failures_table(self, create: bool = False):
@@ -206,7 +257,7 @@ class CatalogStore:
     def status(self) -> dict[str, Any]:
         """What is in the table: rows, the model that wrote it, the ANN index, versions kept, failed items."""
         failures = self._failures_table()
-        return {"db": self.uri, "table": self.name, "rows": self.count(), "model": self.model,
+        return {"db": self.uri, "table": self.name, "rows": self.count(), "shards": self.shards(), "model": self.model,
                 "index": self.vector_index(), "versions": len(self.table.list_versions()) if self.table else 0,
                 "failures": failures.count_rows() if failures is not None else 0}
 
