@@ -8,6 +8,9 @@
 #   C. only with GPU_RUN_COMPILE=1 (about 5 more minutes): SIGLIP_COMPILE=1 SIGLIP_CUDA_GRAPHS=1
 #   F. family_cost.py on the GPU: per image and per text at model level for base-224, base-512, so400m-384 and
 #      NaFlex base at 256 and 1024 patches (random weights, real architectures; at most 3.3 minutes, SIZE=full only)
+#   R. siglip-index build --engine ray against --engine local on the same 2,000 JPEGs (800x600): images/s per GPU
+#      through Ray Data (decode tasks on the 16 CPUs, one GPU actor) next to the tower alone (P, F); only when
+#      ray[data], pylance and lancedb import (pip install '.[scale]'; the wheels exceed what a run may carry)
 # Each sweep also samples GPU utilization and, when py-spy was carried in .whl, profiles the model and gateway
 # workers (what limits the server at saturation). Results in $OUT: gpu.txt, A.log, profile.log, G.log, W.log
 # F.log (all tables) and results.tgz (JSON, metrics, profiles, logs).
@@ -71,9 +74,24 @@ else
   echo "family: skipped (SIZE=$SIZE; the members are real architectures)" | tee -a "$OUT_ROOT/gpu.txt"
 fi
 
-tar czf "$OUT_ROOT/results.tgz" -C /tmp bench-A bench-P bench-G bench-W bench-F $([ -d /tmp/bench-C ] && echo bench-C) 2>/dev/null
+mkdir -p /tmp/bench-R
+# Ray's own start-up asks cloud metadata addresses about accelerators: in a namespace of its own where we can
+# (root); the GPU host reaches nothing outside itself anyway.
+ISOLATE=--no-isolate
+if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null; then ISOLATE=; fi
+if "$PY" -c "import ray.data, lance, lancedb" 2>/dev/null; then
+  SIGLIP_MODEL=$CKPT timeout "$(budget 150)" "$PY" benchmarks/index_rate.py --engines local,ray \
+    --count "${RAY_COUNT:-2000}" --batch-size 128 --ray-args "--actors 1 --decode-cpus 1" $ISOLATE \
+    --images /tmp/bench-R/images --label "$SIZE" --json /tmp/bench-R/index.json >"$OUT_ROOT/R.log" 2>&1
+  echo "ray exit $?" | tee -a "$OUT_ROOT/gpu.txt"
+else
+  echo "ray: skipped (ray[data], pylance or lancedb not importable: pip install '.[scale]')" | tee -a "$OUT_ROOT/gpu.txt"
+fi
+
+tar czf "$OUT_ROOT/results.tgz" -C /tmp bench-A bench-P bench-G bench-W bench-F bench-R $([ -d /tmp/bench-C ] && echo bench-C) 2>/dev/null
 sed -n '/where the time/,$p' "$OUT_ROOT/profile.log"
 [ -s "$OUT_ROOT/F.log" ] && grep -E "tokens" "$OUT_ROOT/F.log"
+[ -s "$OUT_ROOT/R.log" ] && sed -n '/siglip-index build/,$p' "$OUT_ROOT/R.log"
 for run in $RUNS; do
   echo "=============================== $run ==============================="
   grep -h "GPU during the sweep" "$OUT_ROOT/$run.log" | head -1

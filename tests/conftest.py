@@ -298,3 +298,26 @@ def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServicePro
 def service(start_service) -> ServiceProcess:
     """The main contract-test server: fp32 (exact parity with the reference), loopback URLs allowed."""
     return start_service(SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1")
+
+
+BROKEN = "broken.jpg"  # odd_folder's corrupt file
+
+
+@pytest.fixture(scope="session")
+def odd_folder(tmp_path_factory) -> Path:
+    """A few images that need the service's own image code: EXIF-rotated, CMYK, palette, and a corrupt file."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("odd")
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    make_image(1, (80, 40)).save(rotated, "JPEG", quality=95, exif=exif)
+    (root / "rotated.jpg").write_bytes(rotated.getvalue())
+    cmyk = io.BytesIO()
+    make_image(2, (60, 60)).convert("CMYK").save(cmyk, "JPEG", quality=95)
+    (root / "cmyk.jpg").write_bytes(cmyk.getvalue())
+    (root / "palette.png").write_bytes(encode(make_image(3, (50, 70)).convert("P")))
+    (root / "plain.png").write_bytes(encode(make_image(4, (64, 48))))
+    (root / BROKEN).write_bytes(b"\xff\xd8\xff\xe0 truncated: not really a JPEG")
+    return root

@@ -560,3 +560,90 @@ def test_bentocloud_config_matches_the_service():
     assert f"bentoml secret create {secret} SIGLIP_API_TOKEN=" in BENTOCLOUD.read_text(), (
         "the file's header must show how to create the secret it names"
     )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# KubeRay: the RayJob that runs `siglip-index build --engine ray`
+# ------------------------------------------------------------------------------------------------------------
+RAYJOB = K8S / "ray" / "rayjob.yaml"
+# KubeRay v1 fields this manifest may use (the CRD is not bundled with kubernetes-validate; ScaledObject's way)
+RAYJOB_FIELDS = {
+    "spec": {"entrypoint", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "backoffLimit", "rayClusterSpec",
+             "activeDeadlineSeconds", "runtimeEnvYAML", "submissionMode", "suspend"},
+    "rayClusterSpec": {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+                       "workerGroupSpecs"},
+    "autoscalerOptions": {"idleTimeoutSeconds", "upscalingMode", "resources", "env", "image"},
+    "headGroupSpec": {"rayStartParams", "template", "serviceType"},
+    "workerGroupSpecs": {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"},
+}
+
+
+@pytest.fixture(scope="module")
+def rayjob() -> dict:
+    (doc,) = yaml.safe_load_all(RAYJOB.read_text())
+    return doc
+
+
+def test_rayjob_uses_only_kuberay_fields(rayjob):
+    assert (rayjob["apiVersion"], rayjob["kind"]) == ("ray.io/v1", "RayJob")
+    spec = rayjob["spec"]
+    cluster = spec["rayClusterSpec"]
+    for name, value in [("spec", spec), ("rayClusterSpec", cluster), ("autoscalerOptions",
+                                                                      cluster["autoscalerOptions"]),
+                        ("headGroupSpec", cluster["headGroupSpec"])] + [
+            ("workerGroupSpecs", g) for g in cluster["workerGroupSpecs"]]:
+        unknown = set(value) - RAYJOB_FIELDS[name]
+        assert not unknown, f"{name}: {sorted(unknown)} are not KubeRay v1 fields"
+    for group in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), "rayStartParams are strings"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_rayjob_pod_templates_validate_strictly(rayjob, version):
+    import kubernetes_validate
+
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    for name, group in [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in
+                                                               cluster["workerGroupSpecs"]]:
+        doc = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": group["template"]}
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"RayJob {name} pod template is not valid Kubernetes {version}: {exc}")
+
+
+def test_rayjob_runs_the_ray_engine_on_a_cpu_and_a_gpu_group_from_zero(rayjob):
+    import shlex
+
+    from siglip.index.cli import parser
+
+    spec = rayjob["spec"]
+    command = shlex.split(spec["entrypoint"])
+    assert command[0] == "siglip-index"
+    args = parser().parse_args(command[1:])  # the entrypoint is a command the CLI takes
+    assert (args.command, args.engine) == ("build", "ray")
+    assert spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    pinned = re.search(r'"ray\[data\]==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert cluster["rayVersion"] == pinned, "the cluster's Ray must be the [scale] extra's"
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "no work on the head, the driver's pod"
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+
+    def gpus(group):
+        (c,) = group["template"]["spec"]["containers"]
+        return int(c["resources"].get("limits", {}).get("nvidia.com/gpu", 0))
+
+    cpu = [g for g in groups.values() if gpus(g) == 0]
+    gpu = [g for g in groups.values() if gpus(g) > 0]
+    assert cpu and gpu, "a CPU group for decoding and a GPU group for the actors"
+    for group in groups.values():
+        assert group["minReplicas"] == 0 == group["replicas"] <= group["maxReplicas"], "scale from zero"
+    gpu_total = sum(gpus(g) * g["maxReplicas"] for g in gpu)
+    assert args.actors[1] <= gpu_total / args.gpus_per_actor, "more actors than the GPU group can hold"
+    for name, group in [("head", cluster["headGroupSpec"])] + list(groups.items()):
+        (c,) = group["template"]["spec"]["containers"]
+        names = {e["name"] for e in c.get("env", [])}
+        assert not names - SETTING_NAMES - OTHER_ENV, f"{name}: unknown env {sorted(names - SETTING_NAMES)}"
+        Settings.from_env({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+    assert str(RAYJOB.relative_to(ROOT)) in (ROOT / "README.md").read_text()

@@ -21,7 +21,7 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pytest
-from conftest import ROOT, encode, free_port, make_image
+from conftest import BROKEN, ROOT, encode, free_port, make_image
 
 from siglip.client import SiglipClient
 from siglip.index.build import Backoff, Window, plan
@@ -29,7 +29,6 @@ from siglip.index.cli import main
 from siglip.index.sources import Item, SourceError, read_csv, read_folder, read_list
 
 N_IMAGES = 300
-BROKEN = "broken.jpg"
 NOT_AN_IMAGE_400 = "not a supported image"
 
 
@@ -421,26 +420,6 @@ def test_sources_name_items_stably(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # the local engine (model in this process) and the model fingerprint
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def odd_folder(tmp_path_factory) -> Path:
-    """A few images that need the service's own image code: EXIF-rotated, CMYK, palette, and a corrupt file."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("odd")
-    rotated = io.BytesIO()
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    make_image(1, (80, 40)).save(rotated, "JPEG", quality=95, exif=exif)
-    (root / "rotated.jpg").write_bytes(rotated.getvalue())
-    cmyk = io.BytesIO()
-    make_image(2, (60, 60)).convert("CMYK").save(cmyk, "JPEG", quality=95)
-    (root / "cmyk.jpg").write_bytes(cmyk.getvalue())
-    (root / "palette.png").write_bytes(encode(make_image(3, (50, 70)).convert("P")))
-    (root / "plain.png").write_bytes(encode(make_image(4, (64, 48))))
-    (root / BROKEN).write_bytes(b"\xff\xd8\xff\xe0 truncated: not really a JPEG")
-    return root
-
-
 def test_local_engine_writes_the_services_embeddings(service, odd_folder, tmp_path, monkeypatch, tiny_checkpoint):
     """--engine local (no server) gives the running service's vectors, refuses the corrupt file with the
     service's own error text, and records the same model fingerprint."""

@@ -31,6 +31,7 @@ from siglip.api.engine import ModelView
 from siglip.api.errors import BadRequest, ServiceError
 from siglip.api.fetch import Fetcher, FetchPolicy
 from siglip.api.images import ImageSpec, PatchGrid, is_http_url, prepare_image, url_scheme
+from siglip.index.sources import is_store_uri
 from siglip.settings import Settings, fmt_bytes
 
 logger = logging.getLogger("siglip.index")
@@ -151,14 +152,35 @@ async def _fetch_all(urls: dict[int, str], wheres: Sequence[str], settings: Sett
         await fetcher.aclose()
 
 
+def _read_path(value: str, where: str, limit: int) -> tuple[int, bytes | None]:
+    """(size, bytes, or None when over ``limit``) of a local path or an object-store URI (pyarrow's filesystems:
+    s3://, gs://, ...; credentials as pyarrow finds them, e.g. AWS_* variables)."""
+    if is_store_uri(value):
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(value)
+        size = fs.get_file_info(path).size
+        if size is None:
+            raise FileNotFoundError(f"{value}: no such object")
+        if size > limit:
+            return size, None
+        with fs.open_input_file(path) as f:
+            return size, f.read()
+    scheme = url_scheme(value)
+    if scheme is not None:
+        raise BadRequest(f"{where}: only http and https URLs are supported, not {scheme}://")
+    size = os.stat(value).st_size
+    if size > limit:
+        return size, None
+    with open(value, "rb") as f:
+        return size, f.read()
+
+
 def _local_bytes(value: Any, where: str, limit: int) -> bytes:
-    """One image given as bytes or a local path, under the service's SIGLIP_MAX_IMAGE_BYTES."""
+    """One image given as bytes, a local path or an object-store URI, under the service's
+    SIGLIP_MAX_IMAGE_BYTES."""
     if isinstance(value, str):
-        scheme = url_scheme(value)
-        if scheme is not None:
-            raise BadRequest(f"{where}: only http and https URLs are supported, not {scheme}://")
-        size = os.stat(value).st_size
-        data = None if size > limit else open(value, "rb").read()  # noqa: SIM115
+        size, data = _read_path(value, where, limit)
     else:
         data = bytes(value)
         size = len(data)

@@ -54,14 +54,25 @@ class SourceError(ValueError):
     """The source as a whole cannot be read (missing, wrong format, missing CSV column)."""
 
 
+# Object stores pyarrow's filesystems read (the ray engine's tasks read images there; manifests may live there).
+STORE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "hdfs://")
+
+
 def is_url(value: str) -> bool:
     return value.startswith(("http://", "https://"))
 
 
-def _image_ref(value: str, base: Path) -> tuple[str, str | Path]:
-    """(source, image) for a URL or a path relative to ``base``."""
-    if is_url(value):
+def is_store_uri(value: str) -> bool:
+    return value.startswith(STORE_SCHEMES)
+
+
+def _image_ref(value: str, base: Path | None) -> tuple[str, str | Path]:
+    """(source, image) for a URL, an object-store URI or a path relative to ``base`` (None: a manifest on an
+    object store, where a relative path means nothing)."""
+    if is_url(value) or is_store_uri(value):
         return value, value
+    if base is None:
+        raise SourceError("a manifest on an object store needs absolute image locations (URLs, s3://...)")
     path = (base / value).resolve()
     return str(path), path
 
@@ -135,30 +146,44 @@ def _add_row(catalog: Catalog, seen: set[str], item_id: object, value: object, b
         catalog.problems.append(Failure(item_id or position, value, None,
                                         f"{file} {position}: empty {names[0] if not item_id else names[1]!r}"))
         return
-    source, image = _image_ref(value, base)
+    try:
+        source, image = _image_ref(value, base)
+    except SourceError as exc:
+        catalog.problems.append(Failure(item_id, value, None, f"{file} {position}: {exc}"))
+        return
     catalog.add(Item(item_id, source, image), seen)
 
 
-def read_parquet(path: Path, id_column: str = "id", image_column: str = "image") -> Catalog:
+def read_parquet(path: Path | str, id_column: str = "id", image_column: str = "image") -> Catalog:
     """A Parquet manifest, one file or a folder of them: an id column (strings, or numbers written as text) and an
     image column (an http(s) URL or a path relative to the manifest's folder); other columns are ignored. Only the
     two columns are read, a batch at a time."""
     import pyarrow.dataset as pads
 
     catalog, seen = Catalog(), set()
-    base = path.resolve() if path.is_dir() else path.resolve().parent
+    if isinstance(path, str):  # on an object store (s3://...): read by pyarrow's filesystem for it
+        base, name = None, path.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        base, name = (path.resolve() if path.is_dir() else path.resolve().parent), path.name
     manifest = pads.dataset(path, format="parquet")  # one file, or a folder of them (Spark / DuckDB output)
     _check_columns(path, manifest.schema.names, id_column, image_column)
     row = 0
     for batch in manifest.to_batches(columns=[id_column, image_column]):
         for item_id, value in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
             row += 1
-            _add_row(catalog, seen, item_id, value, base, path.name, f"row {row}", (id_column, image_column))
+            _add_row(catalog, seen, item_id, value, base, name, f"row {row}", (id_column, image_column))
     return catalog
 
 
 def read_source(path: str | Path, kind: SourceKind = "auto", id_column: str = "id",
                 image_column: str = "image") -> Catalog:
+    if isinstance(path, str) and is_store_uri(path):
+        if kind not in ("auto", "parquet"):
+            raise SourceError(f"{path}: only a Parquet manifest can be read from an object store")
+        try:
+            return read_parquet(path, id_column, image_column)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{path}: {exc}") from exc
     path = Path(path)
     kind = detect_kind(path) if kind == "auto" else kind
     try:

@@ -1,0 +1,314 @@
+"""The indexer's ray engine (issue: scale out on Ray Data): its stages in this process against the running service,
+then whole builds on a real local Ray cluster.
+
+Every Ray cluster here runs in a network and PID namespace of its own (``unshare``): it can reach nothing but its
+own loopback (Ray otherwise asks cloud metadata addresses which accelerators the node has), and killing its driver
+takes every Ray process with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import BROKEN, ROOT, encode, make_image
+from test_index import NOT_AN_IMAGE_400, cli, cli_json, contents, count
+
+from siglip.client import SiglipClient
+from siglip.settings import Settings
+
+EXTRA = "the ray engine needs the [scale] extra: pip install 'siglip2-serve[scale]'"
+pytest.importorskip("ray.data", reason=EXTRA)
+pytest.importorskip("lance", reason=EXTRA)
+
+from siglip.index import raydata, shards  # after the skip: they import pyarrow/lance lazily, ray not at all
+from siglip.index.store import CatalogStore, model_fingerprint
+
+BUILD_TIMEOUT_S = 300  # a whole ray build of a few images takes ~15 s here; this only bounds a hang
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def model_env(tiny_checkpoint) -> dict[str, str]:
+    return {"SIGLIP_MODEL": str(tiny_checkpoint), "SIGLIP_DTYPE": "float32"}  # as the service fixture runs
+
+
+@pytest.fixture(scope="module")
+def settings(model_env) -> Settings:
+    return Settings.from_env(model_env)
+
+
+@pytest.fixture(scope="module")
+def actor(settings):
+    """The embed stage's actor, built in this process (Ray builds one per actor the same way)."""
+    return raydata.EmbedActor(settings)
+
+
+@pytest.fixture(scope="module")
+def service_vectors(service, odd_folder) -> dict[str, np.ndarray]:
+    names = sorted(p.name for p in odd_folder.iterdir() if p.name != BROKEN)
+    with SiglipClient(service.url) as client:
+        return dict(zip(names, client.image_embedding([odd_folder / n for n in names])))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stages, in this process
+# ---------------------------------------------------------------------------------------------------------------
+def spec_of(actor):
+    from siglip.api.engine import ModelView
+
+    return ModelView.from_info(actor.info.to_dict()).image
+
+
+def test_decode_and_embed_stages_give_the_services_vectors_and_errors(actor, settings, odd_folder,
+                                                                      service_vectors, tmp_path):
+    """Bytes and paths decode with the service's image code (EXIF, CMYK, palette); refusals carry the service's
+    status and text naming the id; the embed stage returns the service's vectors as a FixedSizeList."""
+    names = sorted(service_vectors)
+    limit = max((odd_folder / n).stat().st_size for n in names)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(limit))
+    small = Settings.from_env({"SIGLIP_MODEL": settings.model, "SIGLIP_MAX_IMAGE_BYTES": str(limit)})
+
+    def run(ids: list[str], images: list) -> list[dict]:
+        batch = pa.table({"id": ids, "image": images, "extra": list(range(len(ids)))})
+        out = actor(raydata.decode_batch(batch, spec=spec_of(actor), settings=small, id_column="id",
+                                         image_column="image"))
+        assert out.column_names == ["id", "extra", "embedding", "status", "error"]
+        assert out.schema.field("embedding").type == pa.list_(pa.float32(), actor.info.embed_dim)
+        rows = out.to_pylist()
+        assert [r["extra"] for r in rows] == list(range(len(ids)))  # other columns pass through, in order
+        return rows
+
+    paths = run(names + [BROKEN, "missing.jpg", "big.png", "ftp.jpg"],
+                [str(odd_folder / n) for n in names + [BROKEN]]
+                + [str(tmp_path / "missing.jpg"), str(big), "ftp://e.test/a.jpg"])
+    data = run(names + ["empty"], [(odd_folder / n).read_bytes() for n in names] + [b""])
+    for rows in (paths, data):
+        got = np.array([r["embedding"] for r in rows[:len(names)]], np.float32)
+        assert cosine_rows(got, np.stack([service_vectors[n] for n in names])).min() >= 0.9999
+        assert all(r["embedding"] is None for r in rows[len(names):])
+    failed = {r["id"]: (r["status"], r["error"]) for r in paths[len(names):] + data[len(names):]}
+    assert failed[BROKEN][0] == 400 and failed[BROKEN][1].startswith(BROKEN) and NOT_AN_IMAGE_400 in failed[BROKEN][1]
+    assert failed["missing.jpg"][0] is None and "FileNotFoundError" in failed["missing.jpg"][1]
+    assert failed["big.png"][0] == 400 and failed["big.png"][1].startswith("big.png: image is ")
+    assert failed["big.png"][1].endswith(" limit (SIGLIP_MAX_IMAGE_BYTES)")
+    assert failed["ftp.jpg"] == (400, "ftp.jpg: only http and https URLs are supported, not ftp://")
+    assert failed["empty"] == (400, "empty: image data is empty")
+
+
+def test_write_stage_fragments_commit_whole_shards_only(actor, settings, odd_folder, tmp_path):
+    """Fragments written by the write stage are invisible until the driver commits them, a shard at a time once
+    every item of it is reported; a failed item settles its shard without a row and goes to the failures table."""
+    names = sorted(p.name for p in odd_folder.iterdir())  # broken.jpg included
+    batch = pa.table({"id": names, "source": [str(odd_folder / n) for n in names],
+                      "image": [str(odd_folder / n) for n in names], "shard": [i // 2 for i in range(len(names))]})
+    embedded = actor(raydata.decode_batch(batch, spec=spec_of(actor), settings=settings, id_column="id",
+                                          image_column="image"))
+    store = CatalogStore(str(tmp_path / "db"))
+    fingerprint = model_fingerprint(actor.info.to_dict())
+    uri, schema = store.prepare_for_fragments(actor.info.embed_dim, fingerprint)
+    ledger = shards.Ledger(remaining=collections.Counter(batch.column("shard").to_pylist()))
+    first = shards.write_batch(embedded.slice(0, 3), uri=uri, schema=schema)  # shard 0 whole, shard 1 half
+    assert [ledger.report(r) for r in first.to_pylist()] == [2, 1]
+    assert ledger.finished == [0] and CatalogStore(str(tmp_path / "db")).count() == 0  # written, not committed
+    done, fragments, ids, failures = ledger.take_finished()
+    import lance
+
+    store.commit_fragments([lance.FragmentMetadata.from_json(json.dumps(f)) for f in fragments])
+    store.record_failures(failures, ids)
+    assert names[:2] == [BROKEN, "cmyk.jpg"]  # shard 0: the corrupt file settles it without a row
+    assert done == [0] and sorted(CatalogStore(str(tmp_path / "db")).ids()) == ids == ["cmyk.jpg"]
+    assert [f.id for f in failures] == [BROKEN] and store.failures()[0]["id"] == BROKEN
+    for row in shards.write_batch(embedded.slice(3), uri=uri, schema=schema).to_pylist():
+        ledger.report(row)
+    done, fragments, ids, failures = ledger.take_finished()
+    store.commit_fragments([lance.FragmentMetadata.from_json(json.dumps(f)) for f in fragments])
+    store.record_failures(failures, ids)
+    assert done == [1, 2] and not failures and sorted(ids) == names[2:]
+    assert store.status()["shards"] == 3 and store.status()["failures"] == 1
+    assert store.model == fingerprint
+    with pytest.raises(RuntimeError, match="embedded twice"):
+        ledger.remaining[2] = 0
+        ledger.report({"shard": 2, "fragments": "[]", "ids": ["x"], "failures": "[]"})
+
+
+def test_actors_never_take_the_cpus_decoding_needs():
+    """Ray hangs when actors reserve every CPU (no decode task can start): the reservation shrinks to fit."""
+    fitted = raydata.Resources(actors=(1, 2), cpus_per_actor=1.0, decode_cpus=1.0).fit(2)
+    assert fitted.cpus_per_actor == 0.5 and 2 * fitted.cpus_per_actor + fitted.decode_cpus <= 2
+    roomy = raydata.Resources(actors=(1, 4), cpus_per_actor=1.0).fit(16)
+    assert roomy.cpus_per_actor == 1.0
+    assert raydata.Resources(actors=(1, 8)).fit(0).cpus_per_actor == 1.0  # unknown (autoscaler starting empty)
+    with pytest.raises(ValueError, match="lower --decode-cpus"):
+        raydata.Resources(decode_cpus=4).fit(2)
+
+
+def test_without_the_extra_the_command_names_it(monkeypatch, tmp_path, odd_folder, model_env, capsys):
+    for name, value in model_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as without the extra
+    with pytest.raises(ImportError, match=re.escape("pip install 'siglip2-serve[scale]'")):
+        raydata.import_ray()
+    rc, _ = cli("build", odd_folder, "--db", tmp_path / "db", "--engine", "ray")
+    assert rc == 1 and "siglip2-serve[scale]" in capsys.readouterr().err
+    assert not (tmp_path / "db").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# whole builds on a local Ray cluster
+# ---------------------------------------------------------------------------------------------------------------
+def isolated(*command: str) -> list[str]:
+    """``command`` in a network namespace with loopback only, and a PID namespace that dies with it."""
+    return ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c",
+            'ip link set lo up && exec "$0" "$@"', *command]
+
+
+@pytest.fixture(scope="module")
+def ray_env(model_env) -> dict[str, str]:
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.fail("these tests run Ray in namespaces of its own: they need root, unshare and ip (.ci/run "
+                    "installs util-linux and iproute2)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return {**env, **model_env, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1"}
+
+
+def ray_build(env: dict, *args) -> tuple[int, dict, str]:
+    proc = subprocess.run(isolated(sys.executable, "-m", "siglip.index", "build", *map(str, args), "--engine", "ray",
+                                   "--json", "--quiet"), check=False, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=BUILD_TIMEOUT_S)
+    try:
+        return proc.returncode, json.loads(proc.stdout), proc.stderr
+    except json.JSONDecodeError:
+        pytest.fail(f"no JSON summary (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+
+
+def test_ray_build_equals_the_service_and_the_local_engine(ray_env, odd_folder, service, service_vectors, tmp_path,
+                                                            tiny_checkpoint, monkeypatch):
+    """A folder with EXIF-rotated, CMYK, palette and corrupt images, two actors on this 2-CPU machine (the fit that
+    keeps Ray from hanging): the service's vectors, the corrupt file in the failures table with the service's
+    error, the local engine's fingerprint; then finalize leaves a table the service's queries search."""
+    db = tmp_path / "db"
+    rc, summary, err = ray_build(ray_env, odd_folder, "--db", db, "--actors", "2", "--batch-size", "2",
+                                 "--shard-size", "2", "--commit-every", "1")
+    assert rc == 3, err[-4000:]
+    assert summary["added"] == 4 and summary["shards_done"] == summary["shards"] == 3
+    assert [(f["id"], f["status"]) for f in summary["failed"]] == [(BROKEN, 400)]
+    assert NOT_AN_IMAGE_400 in summary["failed"][0]["error"]
+    ids, _, vectors = contents(db)
+    assert sorted(ids) == sorted(service_vectors)
+    assert cosine_rows(vectors, np.stack([service_vectors[i] for i in ids])).min() >= 0.9999
+
+    for name, value in {"SIGLIP_MODEL": str(tiny_checkpoint), "SIGLIP_DTYPE": "float32"}.items():
+        monkeypatch.setenv(name, value)
+    local_db = tmp_path / "local"
+    rc, _ = cli_json("build", odd_folder, "--db", local_db, "--engine", "local", "--quiet")
+    local_ids, _, local_vectors = contents(local_db)
+    local = dict(zip(local_ids, local_vectors))
+    assert cosine_rows(vectors, np.stack([local[i] for i in ids])).min() >= 0.9999
+    assert CatalogStore(str(db)).model == CatalogStore(str(local_db)).model
+
+    rc, status = cli_json("status", "--db", db)
+    assert rc == 0 and status["rows"] == 4 and status["shards"] == 3 and status["failures"] == 1
+    assert status["failed"][0]["id"] == BROKEN
+    rc, final = cli_json("finalize", "--db", db, "--index-threshold", "0")
+    assert rc == 0 and final["versions"] == 1 and final["rows"] == 4
+    rc, hits = cli_json("search", "--db", db, "--server", service.url, "--image", odd_folder / "plain.png")
+    assert rc == 0 and hits[0]["id"] == "plain.png" and hits[0]["score"] > 0.9999
+
+
+def test_a_table_of_another_model_is_refused(ray_env, odd_folder, tmp_path):
+    from siglip.model.checkpoint import build_checkpoint
+
+    other = build_checkpoint(tmp_path / "other-siglip", image_size=48, patch_size=8)  # 32-dim too
+    db = tmp_path / "db"
+    rc, summary, err = ray_build(ray_env, odd_folder, "--db", db)
+    assert rc == 3 and summary["added"] == 4, err[-4000:]
+    # broken.jpg failed, so the rerun has an item to embed and loads the model
+    rc, summary, err = ray_build({**ray_env, "SIGLIP_MODEL": str(other)}, odd_folder, "--db", db)
+    assert rc == 1 and summary["added"] == 0 and count(db) == 4, err[-4000:]
+    assert ("holds embeddings of tiny-siglip (SigLIP 2, 64x64, 32-dim), but this build uses other-siglip (SigLIP 2, "
+            "48x48, 32-dim)") in summary["error"]
+
+
+def test_a_killed_driver_costs_only_the_shards_in_flight(ray_env, tmp_path):
+    """SIGKILL while the last shard waits on an image that never comes (a FIFO nobody writes): the table holds
+    whole shards only; the rerun embeds exactly the shards that are missing, and every id is there once."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    n, shard = 22, 4
+    paths = []
+    for i in range(n - 1):
+        path = folder / f"img{i:02d}.jpg"
+        path.write_bytes(encode(make_image(i, (40, 30)), "JPEG"))
+        paths.append(path)
+    stuck = folder / "stuck.jpg"
+    os.mkfifo(stuck)
+    paths.append(stuck)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    db = tmp_path / "db"
+    args = [listing, "--db", db, "--shard-size", shard, "--commit-every", "1", "--batch-size", "2"]
+    proc = subprocess.Popen(isolated(sys.executable, "-m", "siglip.index", "build", *map(str, args), "--engine",
+                                     "ray", "--quiet"), env=ray_env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + BUILD_TIMEOUT_S
+    while count(db) == 0:  # the stuck shard never finishes, so the build cannot end before the kill
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"no shard committed (exit {proc.returncode}):\n{out}\n{err[-4000:]}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # unshare: its --kill-child SIGKILLs the driver, the namespace goes with it
+    proc.communicate(timeout=60)
+    ids, _, _ = contents(db)
+    kept = collections.Counter(p // shard for p in (paths.index(Path(i)) for i in ids))
+    assert kept and all(kept[s] == shard for s in kept), f"partial shards committed: {kept}"
+    assert (n - 1) // shard not in kept  # the stuck image's shard
+
+    stuck.unlink()
+    stuck.write_bytes(encode(make_image(99, (40, 30)), "JPEG"))
+    rc, summary, err = ray_build(ray_env, *args)
+    assert rc == 0, err[-4000:]
+    total_shards = -(-n // shard)
+    assert summary["skipped"] == len(ids) and summary["added"] == n - len(ids)
+    assert summary["shards_todo"] == summary["shards_done"] == total_shards - len(kept)
+    final_ids, _, _ = contents(db)
+    assert sorted(final_ids) == sorted(str(p) for p in paths)  # every id, once
+
+
+def readme_python_example() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Inside your own Ray job", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def test_the_readme_python_api_example_runs_as_written(ray_env, odd_folder, service_vectors, tmp_path):
+    """The README's example over a Parquet manifest of ids and image bytes gives the service's vectors."""
+    names = sorted(service_vectors) + [BROKEN]
+    pa.parquet.write_table(pa.table({"id": names, "image": [(odd_folder / n).read_bytes() for n in names]}),
+                           tmp_path / "manifest.parquet")
+    script = tmp_path / "example.py"
+    script.write_text(readme_python_example())
+    proc = subprocess.run(isolated(sys.executable, str(script)), check=False, env=ray_env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=BUILD_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = pa.parquet.read_table(tmp_path / "embeddings").to_pylist()
+    got = {r["id"]: r for r in out}
+    assert sorted(got) == sorted(service_vectors)  # the corrupt image is filtered out by the example
+    for name, vector in service_vectors.items():
+        assert float(np.dot(got[name]["embedding"], vector)) >= 0.9999
