@@ -215,6 +215,10 @@ def test_text_search_json_has_the_cosine_scores_of_the_best_rows(service, built)
 def test_search_errors(service, built, tmp_path, capsys):
     assert cli("search", "--db", built, "--server", service.url)[0] == 2  # neither text nor --image
     assert cli("search", "--db", built, "--server", service.url, "--image", tmp_path / "nope.jpg")[0] == 2
+    rc, _ = cli("search", "--db", tmp_path / "nocatalog", "--server", service.url, "a cat")
+    assert rc == 1 and "nocatalog: no such database" in capsys.readouterr().err
+    assert not (tmp_path / "nocatalog").exists()  # a search creates nothing
+    (tmp_path / "empty").mkdir()
     rc, _ = cli("search", "--db", tmp_path / "empty", "--server", service.url, "a cat")
     assert rc == 1 and "no table 'images'" in capsys.readouterr().err
 
@@ -344,6 +348,13 @@ def test_setup_errors_stop_the_build(image_server, catalog, tmp_path, capsys):
                 "--quiet")
     assert rc == 1 and "gave up after 2 tries" in capsys.readouterr().err
     assert table(db) is None
+    # With the default tries, no server at all is said after the first contact's few tries (not half a minute),
+    # and the build leaves no empty database behind.
+    fresh = tmp_path / "fresh"
+    rc, _ = cli("build", catalog.root, "--db", fresh, "--server", f"http://127.0.0.1:{free_port()}", "--quiet")
+    err = capsys.readouterr().err
+    assert rc == 1 and "no server answered after 3 tries" in err and "nothing was written" in err, err
+    assert not fresh.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

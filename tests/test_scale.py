@@ -26,14 +26,13 @@ from conftest import BROKEN, ROOT, encode, make_image
 from test_index import NOT_AN_IMAGE_400, cli, cli_json, contents, count
 
 from siglip.client import SiglipClient
+from siglip.index import raydata, shards  # they import ray and lance only when they run
+from siglip.index.store import CatalogStore, model_fingerprint
+from siglip.index.store import rows as table_rows
 from siglip.settings import Settings
 
-EXTRA = "the ray engine needs the [scale] extra: pip install 'siglip2-serve[scale]'"
-pytest.importorskip("ray.data", reason=EXTRA)
-pytest.importorskip("lance", reason=EXTRA)
-
-from siglip.index import raydata, shards  # after the skip: they import pyarrow/lance lazily, ray not at all
-from siglip.index.store import CatalogStore, model_fingerprint
+pytest.importorskip("ray.data", reason=f"the ray engine needs the [scale] extra: {raydata.EXTRA}")
+pytest.importorskip("lance", reason=f"the ray engine needs the [scale] extra: {raydata.EXTRA}")
 
 BUILD_TIMEOUT_S = 300  # a whole ray build of a few images takes ~15 s here; this only bounds a hang
 
@@ -156,6 +155,41 @@ def test_actors_never_take_the_cpus_decoding_needs():
     assert raydata.Resources(actors=(1, 8)).fit(0).cpus_per_actor == 1.0  # unknown (autoscaler starting empty)
     with pytest.raises(ValueError, match="lower --decode-cpus"):
         raydata.Resources(decode_cpus=4).fit(2)
+    for cpus, actors, decode in [(3, 3, 1.0), (6, 9, 1.0), (5, 6, 1.0), (7, 3, 0.5), (16, 64, 1.0)]:
+        r = raydata.Resources(actors=(1, actors), decode_cpus=decode).fit(cpus)
+        assert actors * r.cpus_per_actor + decode <= cpus, (cpus, actors, r)  # never rounded up past the cluster
+
+
+def test_a_local_cluster_is_set_up_to_stay_on_loopback():
+    """Ray reads these once, when first imported: import_ray sets them before, unless a cluster address is given."""
+    probe = ("import os; from siglip.index.raydata import import_ray; import_ray(os.environ.get('ADDR')); "
+             "import ray._private.ray_constants as c; print(c.ENABLE_RAY_CLUSTER, os.environ.get("
+             "'RAY_USAGE_STATS_ENABLED'))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    local = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert local.stdout.split() == ["False", "0"], local.stderr
+    remote = subprocess.run([sys.executable, "-c", probe], env={**env, "ADDR": "ray://head:10001"},
+                            capture_output=True, text=True, check=True)
+    assert remote.stdout.split() == ["True", "None"], remote.stderr
+
+
+def test_a_table_from_before_shards_takes_fragments(actor, tmp_path):
+    """A table written before the shard column gets one (empty for its old rows) before workers write fragments
+    with it."""
+    import lance
+
+    store = CatalogStore(str(tmp_path / "db"))
+    old = np.ones((1, actor.info.embed_dim), np.float32) / np.sqrt(actor.info.embed_dim)
+    store.table = store.db.create_table("images", data=table_rows(["old"], ["old.png"], old))
+    assert "shard" not in store.table.schema.names
+    uri, schema = store.prepare_for_fragments(actor.info.embed_dim, None)
+    assert schema.names == ["id", "source", "embedding", "shard"]
+    batch = pa.table({"id": ["new"], "source": ["new.png"], "embedding": raydata.embedding_array(old, np.ones(1, bool)),
+                      "shard": [3], "status": pa.array([None], pa.int32()), "error": pa.array([None], pa.string())})
+    (report,) = shards.write_batch(batch, uri=uri, schema=schema).to_pylist()
+    store.commit_fragments([lance.FragmentMetadata.from_json(json.dumps(f)) for f in json.loads(report["fragments"])])
+    got = {r["id"]: r["shard"] for r in CatalogStore(str(tmp_path / "db")).table.to_arrow().to_pylist()}
+    assert got == {"old": None, "new": 3}
 
 
 def test_without_the_extra_the_command_names_it(monkeypatch, tmp_path, odd_folder, model_env, capsys):
@@ -273,6 +307,15 @@ def test_a_killed_driver_costs_only_the_shards_in_flight(ray_env, tmp_path):
             out, err = proc.communicate()
             pytest.fail(f"no shard committed (exit {proc.returncode}):\n{out}\n{err[-4000:]}")
         time.sleep(0.2)
+    # The local cluster listens on its namespace's loopback only (inside it, a port bound to every interface
+    # would show as 0.0.0.0 or *).
+    import psutil
+
+    (driver,) = psutil.Process(proc.pid).children()
+    listening = subprocess.run(["nsenter", "-t", str(driver.pid), "-n", "ss", "-Hltn"], capture_output=True,
+                               text=True, check=True).stdout.split("\n")
+    addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening if line.strip()}
+    assert addresses and addresses <= {"127.0.0.1", "[::1]"}, listening
     proc.send_signal(signal.SIGKILL)  # unshare: its --kill-child SIGKILLs the driver, the namespace goes with it
     proc.communicate(timeout=60)
     ids, _, _ = contents(db)

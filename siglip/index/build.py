@@ -35,6 +35,7 @@ T = TypeVar("T")
 RETRYABLE = frozenset({None, 429, 502, 503, 504})
 INDEX_BACKOFF = Backoff(attempts=8, base_s=0.5)  # a long build rides out a restarting server
 ITEM_LEVEL = frozenset({400, 413, 422, 500})
+FIRST_CONTACT_TRIES = 3  # about 1.5 s of backoff before "no server there"
 
 
 class ImageEmbedder(Protocol):
@@ -101,6 +102,8 @@ class BuildStats:
         return self.added / self.seconds if self.seconds > 0 else 0.0
 
 
+DEFAULT_BATCH_SIZE = 16  # images per request (http and local engines)
+DEFAULT_RAY_BATCH_SIZE = 64  # images per embed call on a ray actor (GPUs want big batches)
 DEFAULT_SHARD_SIZE = 10_000  # images per shard (img2dataset's size): a ray build commits whole shards
 DEFAULT_COMMIT_EVERY = 4  # shards per commit (ray): fewer table versions; at most this many lost to a crash
 
@@ -186,7 +189,9 @@ class Builder:
     async def _fingerprint(self) -> dict | None:
         """The embedder's model fingerprint; None from a server without ``GET /info`` (an older version)."""
         try:
-            info = await self._retrying(self.client.info)
+            # The first contact: no connection at all is a wrong --server or a server not started, not a restart
+            # to ride out, so it is not retried for half a minute.
+            info = await self._retrying(self.client.info, unreachable_tries=FIRST_CONTACT_TRIES)
         except SiglipError as exc:
             if exc.status == 404:  # a server from before GET /info: check_model says what that means here
                 return None
@@ -202,7 +207,8 @@ class Builder:
 
         return await self._retrying(call)
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _retrying(self, call: Callable[[], Awaitable[T]], unreachable_tries: int | None = None) -> T:
+        """``call()`` with the backoff's tries; ``unreachable_tries``: fewer while no connection is made at all."""
         for attempt in range(self.backoff.attempts):
             self.stats.requests += 1
             try:
@@ -210,7 +216,9 @@ class Builder:
             except SiglipError as exc:
                 if exc.status == 429:
                     self.window.overloaded()
-                if exc.status not in RETRYABLE or attempt == self.backoff.attempts - 1:
+                last = self.backoff.attempts if exc.status is not None or not unreachable_tries else unreachable_tries
+                if exc.status not in RETRYABLE or attempt >= last - 1:
+                    exc.tries = attempt + 1  # type: ignore[attr-defined]
                     raise
                 self.stats.retries[_status_key(exc.status)] += 1
                 await asyncio.sleep(self.backoff.delay(attempt, self.rng))
@@ -219,6 +227,10 @@ class Builder:
     def _fatal(self, exc: SiglipError) -> str:
         if exc.status in RETRYABLE:
             what = "no connection" if exc.status is None else f"HTTP {exc.status}"
-            return (f"gave up after {self.backoff.attempts} tries ({what}: {exc.message}); "
+            tries = getattr(exc, "tries", self.backoff.attempts)
+            if exc.status is None and self.stats.added == 0 and tries < self.backoff.attempts:
+                return (f"no server answered after {tries} tries ({exc.message}): start it (make serve) or point "
+                        "--server at it; nothing was written")
+            return (f"gave up after {tries} tries ({what}: {exc.message}); "
                     "what was written is kept: rerun to resume")
         return f"the server answered HTTP {exc.status}: {exc.message}"

@@ -26,7 +26,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from siglip.index.build import DEFAULT_COMMIT_EVERY, DEFAULT_SHARD_SIZE
+from siglip.index.build import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_COMMIT_EVERY,
+    DEFAULT_RAY_BATCH_SIZE,
+    DEFAULT_SHARD_SIZE,
+)
 from siglip.index.store import DEFAULT_INDEX_THRESHOLD
 
 logger = logging.getLogger("siglip.index")
@@ -81,8 +86,9 @@ def parser() -> argparse.ArgumentParser:
                    help="CSV/Parquet: the column with an http(s) URL or a path relative to the file (default: "
                         "image)")
     b.add_argument("--batch-size", type=_positive, default=None,
-                   help="images per request, at most the server's SIGLIP_MAX_IMAGES_PER_REQUEST (default: 16); "
-                        "ray: images per embed call on an actor (default: 64)")
+                   help=f"images per request, at most the server's SIGLIP_MAX_IMAGES_PER_REQUEST (default: "
+                        f"{DEFAULT_BATCH_SIZE}); ray: images per embed call on an actor (default: "
+                        f"{DEFAULT_RAY_BATCH_SIZE})")
     b.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default: 4)")
     b.add_argument("--tries", type=_positive, default=8,
                    help="tries per request on 429/502/503/504 or a broken connection (default: 8)")
@@ -107,10 +113,10 @@ def parser() -> argparse.ArgumentParser:
                         "(default: 1,<GPUs in the cluster> or 1,1 without GPUs; N means N,N)")
     r.add_argument("--gpus-per-actor", type=float, default=None, metavar="G",
                    help="GPUs per actor; 0.5 puts two actors on a GPU (default: 1 on a cluster with GPUs, else 0)")
-    r.add_argument("--cpus-per-actor", type=float, default=1.0, metavar="C",
+    r.add_argument("--cpus-per-actor", type=float, default=None, metavar="C",
                    help="CPUs each actor reserves (default: 1; less when the actors would leave none for "
                         "decoding on a cluster of fixed size)")
-    r.add_argument("--decode-cpus", type=float, default=1.0, metavar="C",
+    r.add_argument("--decode-cpus", type=float, default=None, metavar="C",
                    help="CPUs per decode task (default: 1); the cluster's other CPUs decode in parallel")
     r.add_argument("--commit-every", type=_positive, default=DEFAULT_COMMIT_EVERY, metavar="SHARDS",
                    help=f"finished shards per commit (default: {DEFAULT_COMMIT_EVERY})")
@@ -124,6 +130,10 @@ def parser() -> argparse.ArgumentParser:
                                         "be writing to the table)")
     f.add_argument("--index-threshold", type=int, default=DEFAULT_INDEX_THRESHOLD, metavar="ROWS",
                    help=f"build the ANN index at this many rows (default: {DEFAULT_INDEX_THRESHOLD}; 0: never)")
+    f.add_argument("--remove-orphans", action="store_true",
+                   help="also delete files no version refers to, however recent: those of shards a killed ray "
+                        "build never committed (only when no build of this table is running: it would delete the "
+                        "fragments a running ray build has written and not committed yet)")
     _common(f)
 
     s = sub.add_parser("search", help="the best matches for a text or an image")
@@ -201,10 +211,17 @@ def _ray_resources(args, cluster: dict):
     from siglip.index.raydata import Resources
 
     gpus = cluster.get("GPU", 0)
+    if args.gpus_per_actor is None and not gpus:
+        logger.warning("the cluster shows no GPU now: the actors embed on CPUs. On a cluster that adds GPU "
+                       "workers on demand (KubeRay scaling from zero), pass --gpus-per-actor 1")
     per_actor = args.gpus_per_actor if args.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if per_actor and not gpus:
+        logger.warning("waiting for a node with %g GPU for each actor (the cluster shows none now; Ctrl-C if it "
+                       "will never have one)", per_actor)
     actors = args.actors or (1, max(1, int(gpus / per_actor)) if per_actor else 1)
-    return Resources(actors, per_actor, args.cpus_per_actor, args.decode_cpus, args.batch_size).fit(
-        cluster.get("CPU", 0))
+    defaults = Resources()
+    return Resources(actors, per_actor, args.cpus_per_actor or defaults.cpus_per_actor,
+                     args.decode_cpus or defaults.decode_cpus, args.batch_size).fit(cluster.get("CPU", 0))
 
 
 def _run_ray_build(args, store, todo, stats, signals: list[int]) -> None:
@@ -274,9 +291,11 @@ def build(args) -> int:
         if args.engine == "ray":
             from siglip.index.raydata import import_ray
 
-            import_ray()  # without the [scale] extra: say so before reading a big source
-        args.batch_size = args.batch_size or (64 if args.engine == "ray" else 16)
+            import_ray(args.address)  # without the [scale] extra: say so before reading a big source
+        if args.batch_size is None:
+            args.batch_size = DEFAULT_RAY_BATCH_SIZE if args.engine == "ray" else DEFAULT_BATCH_SIZE
         catalog = read_source(args.source, args.kind, args.id_column, args.image_column)
+        created = "://" not in args.db and not Path(args.db).exists()
         store = CatalogStore(args.db, args.table)
         todo = plan(catalog.items, store.ids(), args.shard_size)
     except (SourceError, StoreError, ValueError, ImportError) as exc:
@@ -310,7 +329,13 @@ def build(args) -> int:
         interrupted = True
     except (BuildAborted, StoreError) as exc:
         error = str(exc)
-    if not interrupted and not error:
+    if args.engine == "ray":
+        # Compacting or indexing a table of a cluster's size is not the driver's job: `finalize` does it.
+        index = store.vector_index()
+        if stats.added and not index:
+            logger.info("run `siglip-index finalize --db %s` once the builds are done: compaction, old versions, "
+                        "the ANN index", args.db)
+    elif not interrupted and not error:
         try:
             index = store.finish(args.index_threshold, changed=stats.added > 0)
         except KeyboardInterrupt:
@@ -320,9 +345,12 @@ def build(args) -> int:
         index = store.vector_index()
     try:
         # The failures table follows what this build settled, interrupted or not: a later `status` lists them.
-        store.record_failures(catalog.problems + stats.failures, stats.added_ids)
+        # (the ray engine recorded its failures with each commit)
+        store.record_failures(catalog.problems + ([] if args.engine == "ray" else stats.failures), stats.added_ids)
     except Exception as exc:  # noqa: BLE001 - the rows are written; losing the failure list must not hide them
         logger.warning("could not record the failed items in %s: %s", args.db, exc)
+    if error and created and stats.added == 0 and not any(Path(args.db).iterdir()):
+        Path(args.db).rmdir()  # a build that could not start leaves no empty database behind
     summary = _summary(args, store, catalog, stats, index, interrupted)
     if args.json:
         print(json.dumps(summary | ({"error": error} if error else {}), indent=1))
@@ -342,7 +370,7 @@ def build(args) -> int:
 def search(args) -> int:
     from siglip.client import SiglipClient, SiglipError
     from siglip.index.sources import is_url
-    from siglip.index.store import CatalogStore, StoreError, model_fingerprint
+    from siglip.index.store import StoreError, model_fingerprint
 
     if (args.query is None) == (args.image is None):
         print("siglip-index search: give a query text or --image, not both", file=sys.stderr)
@@ -354,7 +382,9 @@ def search(args) -> int:
             print(f"siglip-index search: {args.image}: no such file", file=sys.stderr)
             return EXIT_USAGE
     try:
-        store = CatalogStore(args.db, args.table)
+        store = _open_existing(args)  # a search creates nothing
+        if store is None:
+            return EXIT_ERROR
         with SiglipClient(args.server, token=args.token, timeout=args.timeout) as client:
             if store.model is not None:
                 try:
@@ -440,7 +470,7 @@ def finalize(args) -> int:
     if store is None:
         return EXIT_ERROR
     try:
-        summary = store.finalize(args.index_threshold)
+        summary = store.finalize(args.index_threshold, remove_orphans=args.remove_orphans)
     except StoreError as exc:
         print(f"siglip-index finalize: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from siglip.api.engine import ModelView
 from siglip.api.errors import BadRequest, ServiceError
 from siglip.api.fetch import Fetcher, FetchPolicy
 from siglip.api.images import ImageSpec, PatchGrid, is_http_url, prepare_image, url_scheme
+from siglip.index.build import DEFAULT_RAY_BATCH_SIZE
 from siglip.index.sources import is_store_uri
 from siglip.settings import Settings, fmt_bytes
 
@@ -43,8 +45,14 @@ STATUS, ERROR, EMBEDDING = "status", "error", "embedding"
 WORKER_BYTES = 384 * 2**20  # a Ray worker running the decode code, before any image
 
 
-def import_ray() -> Any:
-    """``ray`` with Ray Data, or ImportError naming the extra that brings it."""
+def import_ray(address: str | None = None) -> Any:
+    """``ray`` with Ray Data, or ImportError naming the extra that brings it. Without an ``address`` (nor
+    ``RAY_ADDRESS``) a cluster started here will be local: Ray reads the variables that keep it on loopback when it
+    is first imported, so they are set here, before that."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # With it, the node's address is 127.0.0.1 and every port binds there (ray_constants.ENABLE_RAY_CLUSTER).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         import ray
         import ray.data  # Ray Data is a separate import
@@ -56,11 +64,7 @@ def import_ray() -> Any:
 def connect(address: str | None) -> Any:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local one that listens on loopback only
     and sends no usage report: a laptop run opens no port to the network."""
-    if not (address or os.environ.get("RAY_ADDRESS")):
-        # Read when ray is imported: with it, the node's address is 127.0.0.1 and every port binds there.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray = import_ray()
+    ray = import_ray(address)
     from ray.data import DataContext
 
     # The command shows its own progress bar (and Ray Data's per-operator lines would bury it).
@@ -83,7 +87,7 @@ class Resources:
     gpus_per_actor: float = 0.0  # 0.5: two actors share a GPU
     cpus_per_actor: float = 1.0
     decode_cpus: float = 1.0  # per decode task
-    batch_size: int = 64  # images per embed call
+    batch_size: int = DEFAULT_RAY_BATCH_SIZE  # images per embed call
 
     def fit(self, cluster_cpus: float) -> Resources:
         """These resources with the actors' CPUs shrunk so that at least one decode task always fits beside the
@@ -94,7 +98,7 @@ class Resources:
         if free <= 0:
             raise ValueError(f"the cluster has {cluster_cpus:g} CPUs: not enough for a decode task of "
                              f"{self.decode_cpus:g} CPUs and an actor (lower --decode-cpus)")
-        share = round(free / self.actors[1], 3)
+        share = math.floor(free / self.actors[1] * 1000) / 1000  # rounded down: rounding up would not fit
         logger.info("%d actors x %g CPUs would leave no CPU for decoding on %g CPUs: reserving %g CPUs per actor",
                     self.actors[1], self.cpus_per_actor, cluster_cpus, share)
         return Resources(self.actors, self.gpus_per_actor, share, self.decode_cpus, self.batch_size)
@@ -216,8 +220,8 @@ def decode_batch(batch: pa.Table, *, spec: ImageSpec, settings: Settings, id_col
             prepared = prepare_image(data, where, spec, settings.max_image_pixels)
         except ServiceError as exc:
             out = (None, None, None, exc.status, exc.message)
-        except OSError as exc:  # a path that cannot be read: no answer from a service, as in the other engines
-            out = (None, None, None, None, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - an unreadable path, an odd value: this item fails, not its shard
+            out = (None, None, None, None, f"{wheres[i]}: {type(exc).__name__}: {exc}")
         else:
             if isinstance(prepared, PatchGrid):
                 out = (prepared.patches.tobytes(), prepared.rows, prepared.cols, None, None)
@@ -246,9 +250,15 @@ def embedding_array(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListA
 class EmbedActor:
     """One per actor: the service's encoder, loaded once; each call embeds the decoded rows of a batch."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, expect: dict[str, Any] | None = None):
+        from siglip.index.store import describe_model, model_fingerprint, same_model
+
         self.encoder = _load_encoder(settings)
         self.info = self.encoder.info
+        if expect is not None and not same_model(model_fingerprint(self.info.to_dict()), expect):
+            # A hub id without a pinned revision, or another checkpoint at the same path on this node.
+            raise RuntimeError(f"this actor loaded {describe_model(model_fingerprint(self.info.to_dict()))}, not "
+                               f"{describe_model(expect)}: the nodes do not see the same model")
         logger.info("embed actor: %s on %s (%s, %s)", self.info.model, self.info.device, self.info.dtype,
                     self.info.vision_path)
 
@@ -319,7 +329,11 @@ def embed_images(ds: Any, settings: Settings | None = None, *, id_column: str = 
                              batch_size=resources.batch_size,
                              fn_kwargs={"spec": spec, "settings": settings, "id_column": id_column,
                                         "image_column": image_column})
-    return decoded.map_batches(EmbedActor, fn_constructor_kwargs={"settings": settings}, batch_format="pyarrow",
+    from siglip.index.store import model_fingerprint
+
+    return decoded.map_batches(EmbedActor, fn_constructor_kwargs={"settings": settings,
+                                                                  "expect": model_fingerprint(info)},
+                               batch_format="pyarrow",
                                batch_size=resources.batch_size, num_cpus=resources.cpus_per_actor,
                                num_gpus=resources.gpus_per_actor, compute=ActorPoolStrategy(
                                    min_size=resources.actors[0], max_size=resources.actors[1]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -122,12 +123,16 @@ def build(store: CatalogStore, items: Sequence[Item], stats: BuildStats, *, sett
         shards, fragments, ids, failures = ledger.take_finished()
         if not shards:
             return
-        store.commit_fragments([lance.FragmentMetadata.from_json(json.dumps(f)) for f in fragments])
-        store.record_failures(failures, ids)
-        stats.added += len(ids)
-        stats.added_ids.extend(ids)
-        stats.failures.extend(failures)
-        stats.shards_done += len(shards)
+        # Ctrl-C or SIGTERM waits until the commit, the failures table and the counts agree.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            store.commit_fragments([lance.FragmentMetadata.from_json(json.dumps(f)) for f in fragments])
+            store.record_failures(failures, ids)
+            stats.added += len(ids)
+            stats.failures.extend(failures)
+            stats.shards_done += len(shards)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         logger.debug("committed shards %s: %d rows, %d failed", shards, len(ids), len(failures))
 
     try:

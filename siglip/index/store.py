@@ -239,7 +239,9 @@ class CatalogStore:
         table = self._failures_table(create=bool(failures))
         if table is None:
             return
-        ids = sorted(set(settled) | {f.id for f in failures})
+        # Only ids the table holds are deleted: the failures table is small, the settled ids may be millions.
+        held = set(table.to_arrow().column("id").to_pylist())
+        ids = sorted((set(settled) | {f.id for f in failures}) & held)
         for start in range(0, len(ids), 1000):  # bounded predicates
             table.delete(f"id IN ({_quoted(ids[start:start + 1000])})")
         if failures:
@@ -261,18 +263,20 @@ class CatalogStore:
                 "index": self.vector_index(), "versions": len(self.table.list_versions()) if self.table else 0,
                 "failures": failures.count_rows() if failures is not None else 0}
 
-    def finalize(self, index_threshold: int = DEFAULT_INDEX_THRESHOLD) -> dict[str, Any]:
+    def finalize(self, index_threshold: int = DEFAULT_INDEX_THRESHOLD, remove_orphans: bool = False) -> dict[str, Any]:
         """Compact, drop every old version (only safe while no build writes to this table), and build the ANN
-        index when the table has ``index_threshold`` rows. Returns ``status()`` after."""
+        index when the table has ``index_threshold`` rows. ``remove_orphans``: also delete files no version refers
+        to however recent (those of shards a killed ray build never committed); while a ray build runs, that would
+        delete the fragments it has written and not yet committed. Returns ``status()`` after."""
         if self.table is None:
             raise StoreError(f"no table {self.name!r} in {self.uri}: run `siglip-index build` first")
         from datetime import timedelta
 
-        self.table.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+        self.table.optimize(cleanup_older_than=timedelta(0), delete_unverified=remove_orphans)
         self.finish(index_threshold, changed=False)
         failures = self._failures_table()
         if failures is not None:
-            failures.optimize(cleanup_older_than=timedelta(0), delete_unverified=True)
+            failures.optimize(cleanup_older_than=timedelta(0), delete_unverified=remove_orphans)
         return self.status()
 
     def vector_index(self) -> str | None:
