@@ -31,14 +31,20 @@ from siglip.api.errors import MODEL_LOADING, NotReady, Overloaded
 from siglip.api.fetch import Fetcher, FetchPolicy
 from siglip.api.images import tiny_jpeg
 from siglip.api.modelwatch import ModelWatch
-from siglip.api.openai_api import OpenAIEmbeddings
+from siglip.api.openai_api import OPENAI_PREFIX, OpenAIEmbeddings
 from siglip.bento import image as bento_image
 from siglip.server import patches, playground
-from siglip.server.connections import ConnectionLimits, install_connection_limits
+from siglip.server.connections import (
+    ConnectionLimits,
+    install_connection_limits,
+    is_loopback,
+    listening_address,
+)
 from siglip.server.docs_page import DocsPage
 from siglip.server.drain import exit_with_server, hold_sigterm_until_callers_exit
 from siglip.server.http import INFO_PATH, RequestGuard, answer
 from siglip.server.model_gate import ModelGate, model_loading_detail
+from siglip.server.readiness import ReadinessCause
 from siglip.settings import get_settings
 
 # Before BentoML builds anything: graceful stops, bounded readiness probes, per-server metric files.
@@ -269,7 +275,7 @@ openai_app = Starlette(routes=[Route("/embeddings", _v1_embeddings, methods=["PO
                                Route("/models/{name:path}", _v1_models, methods=["GET"])])
 
 
-@bentoml.asgi_app(openai_app, path="/v1", name="openai")
+@bentoml.asgi_app(openai_app, path=OPENAI_PREFIX.rstrip("/"), name="openai")
 @bentoml.asgi_app(playground.app, path="/", name="playground")  # GET /playground (its exact paths only)
 @bentoml.asgi_app(info_app, path="/", name="info")  # GET /info
 @bentoml.service(
@@ -293,6 +299,11 @@ class SiglipGateway:
         self.openai = OpenAIEmbeddings(self.engine, settings.model)
         logger.info("Gateway worker %s ready (pid %d): %r", bentoml.server_context.worker_index, os.getpid(),
                     settings)
+        address = listening_address()
+        if address is not None and not is_loopback(address) and not settings.api_token:
+            logger.warning("Listening on %s with auth off: anyone who can reach this port can use the service (and "
+                           "make it fetch URLs). Set SIGLIP_API_TOKEN, or listen on 127.0.0.1 (make serve does "
+                           "unless HOST is set)", address)
 
     @bentoml.on_shutdown
     async def _close(self) -> None:
@@ -339,4 +350,6 @@ SiglipGateway.add_asgi_middleware(
     min_upload_rate=settings.min_upload_bytes_per_s, max_uploads=settings.max_uploads,
     request_timeout_s=settings.request_timeout_s,
 )
-SiglipGateway.add_asgi_middleware(DocsPage)
+SiglipGateway.add_asgi_middleware(DocsPage, openai_prefix=OPENAI_PREFIX, info_path=INFO_PATH,
+                                  playground_path=playground.PAGE)
+SiglipGateway.add_asgi_middleware(ReadinessCause, status=lambda: bentoml.get_current_service().engine.client.status)

@@ -53,6 +53,25 @@ def test_model_that_cannot_load_keeps_service_not_ready(broken):
         time.sleep(0.25)
     assert len(seen) >= 5 and set(seen) == {503}, seen
     assert broken.proc.poll() is None, "the server should stay up, not exit"
+    # /readyz and the log name the cause in one line; an expected failure gets no traceback
+    cause = "checkpoint directory /nonexistent/dir does not exist (SIGLIP_MODEL)"
+    wait_for(lambda: cause in httpx.get(broken.url + "/readyz", timeout=10).text, 60, "/readyz naming the cause",
+             broken.log)
+    assert httpx.get(broken.url + "/readyz", timeout=10).text == f"not ready: loading /nonexistent/dir failed: {cause}\n"
+    log = broken.log_path.read_text(errors="replace")
+    assert f"loading /nonexistent/dir failed: {cause}; the service stays not-ready" in log
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_load_errors_are_explained_in_one_line():
+    from siglip.model.encoder import OFFLINE_HINT, explain_load_error
+
+    offline = OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                      "the cached files.\nCheck your internet connection ...")
+    assert explain_load_error("google/x", offline) == (
+        f"the Hugging Face hub is unreachable and google/x is not in the local cache: {OFFLINE_HINT}", True)
+    assert explain_load_error("m", MemoryError())[1] is True
+    assert explain_load_error("m", ValueError("shape mismatch")) == ("ValueError: shape mismatch", False)
 
 
 def test_api_call_on_a_model_that_cannot_load_answers_503_with_the_reason(broken):
@@ -121,3 +140,18 @@ def test_idle_connections_outlive_clients_pool_expiry(service, start_service):
     bentoml_default = start_service(SIGLIP_KEEP_ALIVE_S="0")
     conns = [http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10) for svc in (service, bentoml_default)]
     assert _get_twice(conns, idle_s=6.5) == [True, False]
+
+
+def test_the_log_warns_when_listening_beyond_loopback_with_auth_off(service):
+    """The gateway reads the address of the socket BentoML hands it; served on 127.0.0.1 it says nothing, bound to
+    all interfaces (as the container does) it would warn."""
+    import socket
+
+    from siglip.server.connections import is_loopback, listening_address
+
+    assert "with auth off" not in service.log_path.read_text(errors="replace")
+    with socket.socket() as everywhere:
+        everywhere.bind(("0.0.0.0", 0))  # bound only, nothing is sent
+        address = listening_address(["worker", "--fd", str(everywhere.fileno())])
+    assert address == "0.0.0.0" and not is_loopback(address)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and listening_address(["worker"]) is None

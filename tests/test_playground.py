@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -221,7 +222,12 @@ def test_page_is_served_without_breaking_the_api(service):
     assert httpx.get(service.url + "/playground/other").status_code == 404
     spec = httpx.get(service.url + "/docs.json").json()
     assert {"/", "/zero_shot", "/similarity", "/text_embedding", "/image_embedding"} <= set(spec["paths"])
-    assert not any(p.startswith("/playground") for p in spec["paths"])
+    # ... and it lists every route the gateway serves besides them, under this project's name and version
+    assert {"/v1/embeddings", "/v1/models", "/v1/models/{model}", "/info", "/playground"} <= set(spec["paths"])
+    assert not any(p.startswith("/playground/") for p in spec["paths"])
+    assert spec["info"]["title"] == "siglip2-serve API" and spec["info"]["version"] == version("siglip2-serve")
+    request = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(spec["components"]["schemas"][request["$ref"].rsplit("/", 1)[1]]["properties"]) >= {"input", "model"}
     assert httpx.get(service.url + "/").status_code == 200
     emb = service.post("/", {"inputs": "a cat", "parameters": {"mode": "text_embedding"}})
     assert emb.status_code == 200 and len(emb.json()[0]["embedding"]) > 0

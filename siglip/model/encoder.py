@@ -107,8 +107,12 @@ class SiglipEncoder:
             if on_loaded is not None and self.info is not None:
                 on_loaded(self.info)
         except Exception as exc:
-            self.error = f"loading {self.model_id} failed: {type(exc).__name__}: {exc}"
-            logger.exception("Model %s failed to load; the service stays not-ready", self.model_id)
+            cause, expected = explain_load_error(self.model_id, exc)
+            self.error = f"loading {self.model_id} failed: {cause}"
+            if expected:  # the cause and the remedy in one line; a traceback would only bury them
+                logger.error("%s; the service stays not-ready", self.error)
+            else:
+                logger.exception("Model %s failed to load; the service stays not-ready", self.model_id)
 
     def _load(self) -> None:
         import torch
@@ -341,6 +345,30 @@ def hub_revision(model_id: str) -> str | None:
     except Exception:  # noqa: BLE001 - no hub cache: nothing to report
         return None
     return os.path.basename(os.path.dirname(found)) if isinstance(found, str) else None
+
+
+OFFLINE_HINT = ("set SIGLIP_MODEL to a local checkpoint directory and HF_HUB_OFFLINE=1 (README: Running offline), "
+                "or give this machine access to huggingface.co")
+
+
+def explain_load_error(model_id: str, exc: BaseException) -> tuple[str, bool]:
+    """(one line saying why ``model_id`` did not load and what to do, whether the failure is an expected one: a
+    missing directory, no hub access, an unknown or gated repo, out of memory)."""
+    name, text = type(exc).__name__, (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, FileNotFoundError) and "SIGLIP_MODEL" in text:
+        return text, True
+    if isinstance(exc, MemoryError) or name == "OutOfMemoryError":
+        return f"out of memory ({name}): give it more memory, a smaller model or SIGLIP_DTYPE=bfloat16", True
+    if name in ("GatedRepoError", "RepositoryNotFoundError") or "is not a local folder and is not a valid model" \
+            in text:
+        why = (f"{model_id} is neither a local directory nor a model on the hub that this machine may read "
+               f"({name}; a gated or private model needs HF_TOKEN)")
+        return why, True
+    lowered = text.lower()
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "couldn't connect" in lowered \
+            or "offline mode" in lowered or "cannot find the requested files in the local cache" in lowered:
+        return f"the Hugging Face hub is unreachable and {model_id} is not in the local cache: {OFFLINE_HINT}", True
+    return f"{name}: {exc}", False
 
 
 def load_checkpoint(model_id: str, dtype: Any) -> tuple[Any, Any, Any]:

@@ -403,3 +403,29 @@ def install_connection_limits(limits: ConnectionLimits) -> None:
 
     init._siglip_original = original  # type: ignore[attr-defined]
     uvicorn.Config.__init__ = init  # type: ignore[method-assign]
+
+
+def listening_address(argv: list[str] | None = None) -> str | None:
+    """The address this worker's socket is bound to (BentoML passes the bound socket as ``--fd N``), or None when
+    it cannot be told (not a BentoML worker, a Unix socket)."""
+    import os
+    import socket
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    try:
+        fd = int(argv[argv.index("--fd") + 1])
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            address = sock.getsockname()
+    except (ValueError, IndexError, OSError):
+        return None
+    return address[0] if isinstance(address, tuple) else None
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

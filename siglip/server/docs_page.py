@@ -5,17 +5,32 @@ has no setting to turn it off, and Swagger UI's default validator badge sends th
 uses the same Swagger UI files BentoML bundles (served by BentoML under ``/static_content/``) and nothing else, and
 its Content-Security-Policy keeps the browser from reaching any other origin, so the docs work air-gapped and tell
 nobody who looked at them.
+
+``/docs.json`` (BentoML's OpenAPI document, which knows only the ``@bentoml.api`` routes) gets this project's name
+and version and the routes the gateway serves beside them: the OpenAI-compatible ``/v1`` API (its schemas from the
+same pydantic models the handlers validate with), ``/info`` and ``/playground``.
 """
 
 from __future__ import annotations
 
+import json
+from importlib import metadata
 from typing import Any
+
+PROJECT = "siglip2-serve"
+
+
+def version() -> str:
+    try:
+        return metadata.version(PROJECT)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 DOCS_HTML = b"""<!DOCTYPE html>
 <html lang="en">
   <head>
     <meta charset="UTF-8">
-    <title>SigLIP 2 API</title>
+    <title>siglip2-serve API</title>
     <link rel="stylesheet" type="text/css" href="./static_content/swagger-ui.css" />
     <link rel="stylesheet" type="text/css" href="./static_content/index.css" />
     <link rel="icon" type="image/png" href="./static_content/favicon-light-32x32.png" sizes="32x32" />
@@ -45,16 +60,89 @@ CSP = (b"default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self'
        b"img-src 'self' data:; connect-src 'self'; frame-ancestors 'self'")
 
 
-class DocsPage:
-    """ASGI middleware answering ``GET /`` with ``DOCS_HTML``; everything else goes to BentoML."""
+def _json(content: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": content}}
 
-    def __init__(self, app: Any):
+
+def extra_paths(openai_prefix: str, info_path: str, playground_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(OpenAPI paths, component schemas) of the gateway's routes that BentoML does not describe."""
+    from siglip.api.openai_api import EmbeddingsRequest, ModelCard, ModelList
+
+    schemas: dict[str, Any] = {}
+
+    def ref(model: Any) -> dict[str, Any]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        return {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+
+    error = _json({"schema": {"type": "object"}}, "OpenAI's error object: {\"error\": {message, type, param, code}}")
+    v1 = openai_prefix.rstrip("/")
+    paths = {
+        f"{v1}/embeddings": {"post": {
+            "tags": ["OpenAI-compatible"], "summary": "Embeddings of texts and images (OpenAI's embeddings API)",
+            "requestBody": {"required": True, "content": {"application/json": ref(EmbeddingsRequest)}},
+            "responses": {"200": _json({"schema": {"type": "object"}}, "{object: list, data: [{object, index, "
+                                       "embedding}], model, usage}"), "400": error, "404": error}}},
+        f"{v1}/models": {"get": {"tags": ["OpenAI-compatible"], "summary": "The served model",
+                                 "responses": {"200": _json(ref(ModelList), "The model list")}}},
+        f"{v1}/models/{{model}}": {"get": {
+            "tags": ["OpenAI-compatible"], "summary": "One model",
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json(ref(ModelCard), "The model"), "404": error}}},
+        info_path: {"get": {"tags": ["Service"], "summary": "The checkpoint, its family and shapes, backend, device "
+                                                            "and request limits (open without a token)",
+                            "responses": {"200": _json({"schema": {"type": "object"}}, "What is served")}}},
+        playground_path: {"get": {"tags": ["Service"], "summary": "The playground: try every mode in a browser",
+                                  "responses": {"200": {"description": "An HTML page",
+                                                        "content": {"text/html": {}}}}}},
+    }
+    return paths, schemas
+
+
+def complete_openapi(document: bytes, extra: tuple[dict[str, Any], dict[str, Any]]) -> bytes:
+    spec = json.loads(document)
+    spec.setdefault("info", {}).update(title=f"{PROJECT} API", version=version())
+    paths, schemas = extra
+    spec.setdefault("paths", {}).update(paths)
+    spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+    return json.dumps(spec).encode()
+
+
+class DocsPage:
+    """ASGI middleware answering ``GET /`` with ``DOCS_HTML`` and completing ``GET /docs.json``; everything else goes
+    to BentoML."""
+
+    def __init__(self, app: Any, openai_prefix: str, info_path: str, playground_path: str):
         self.app = app
+        self.extra = extra_paths(openai_prefix, info_path, playground_path)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") == "/docs.json" and scope.get("method") == "GET":
+            return await self._openapi(scope, receive, send)
         if scope["type"] != "http" or scope.get("path") != "/" or scope.get("method") not in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
         headers = [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(DOCS_HTML)).encode()),
                    (b"content-security-policy", CSP), (b"cache-control", b"no-cache")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else DOCS_HTML})
+
+    async def _openapi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        start: dict[str, Any] = {}
+        body = bytearray()
+
+        async def capture(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        if start.get("status") != 200:
+            await send(start)
+            await send({"type": "http.response.body", "body": bytes(body)})
+            return
+        document = complete_openapi(bytes(body), self.extra)
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": headers + [(b"content-length", str(len(document)).encode())]})
+        await send({"type": "http.response.body", "body": document})

@@ -18,10 +18,11 @@ STATIC = Path(__file__).parent / "static"
 
 # path -> (file in siglip/server/static, media type). The page refers to its assets relative to /playground, so it
 # keeps working behind a proxy that serves the API under a path prefix.
+PAGE = "/playground"
 FILES = {
-    "/playground": ("playground.html", "text/html; charset=utf-8"),
-    "/playground/playground.js": ("playground.js", "text/javascript; charset=utf-8"),
-    "/playground/playground.css": ("playground.css", "text/css; charset=utf-8"),
+    PAGE: ("playground.html", "text/html; charset=utf-8"),
+    f"{PAGE}/playground.js": ("playground.js", "text/javascript; charset=utf-8"),
+    f"{PAGE}/playground.css": ("playground.css", "text/css; charset=utf-8"),
 }
 PATHS = frozenset(FILES)
 
