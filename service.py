@@ -45,6 +45,7 @@ from siglip.server.drain import exit_with_server, hold_sigterm_until_callers_exi
 from siglip.server.http import INFO_PATH, RequestGuard, answer
 from siglip.server.model_gate import ModelGate, model_loading_detail
 from siglip.server.readiness import ReadinessCause
+from siglip.server.uploads import upload_app
 from siglip.settings import get_settings
 
 # Before BentoML builds anything: graceful stops, bounded readiness probes, per-server metric files.
@@ -349,6 +350,9 @@ SiglipGateway.add_asgi_middleware(
     max_inflight_body_bytes=settings.max_inflight_body_bytes, body_timeout_s=settings.body_timeout_s,
     min_upload_rate=settings.min_upload_bytes_per_s, max_uploads=settings.max_uploads,
     request_timeout_s=settings.request_timeout_s,
+    uploads=upload_app({route: route.strip("/") or None for route in API_ROUTES if not route.startswith(OPENAI_PREFIX)},
+                       run=lambda *request: bentoml.get_current_service().engine.run(*request),
+                       limits=lambda: bentoml.get_current_service().engine.limits),
 )
 SiglipGateway.add_asgi_middleware(DocsPage, openai_prefix=OPENAI_PREFIX, info_path=INFO_PATH,
                                   playground_path=playground.PAGE)

@@ -226,6 +226,7 @@ def test_page_is_served_without_breaking_the_api(service):
     assert {"/v1/embeddings", "/v1/models", "/v1/models/{model}", "/info", "/playground"} <= set(spec["paths"])
     assert not any(p.startswith("/playground/") for p in spec["paths"])
     assert spec["info"]["title"] == "siglip2-serve API" and spec["info"]["version"] == version("siglip2-serve")
+    assert "http" not in spec["info"]["description"]  # no badges or links to other hosts
     request = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(spec["components"]["schemas"][request["$ref"].rsplit("/", 1)[1]]["properties"]) >= {"input", "model"}
     assert httpx.get(service.url + "/").status_code == 200

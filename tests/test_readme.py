@@ -57,8 +57,8 @@ def run(block: str, setup: str, svc, cwd) -> object:
 
 def test_readme_api_examples_work_as_written_for_a_large_photo(service, reference, workdir):
     blocks = api_blocks()
-    setup, zero_shot, image_emb, text_emb, similarity = blocks
-    assert "IMG=" in setup and len(blocks) == 5
+    setup, zero_shot, image_emb, text_emb, similarity, files = blocks
+    assert "IMG=" in setup and len(blocks) == 6
     photo = (workdir / "photo.jpg").read_bytes()
     assert len(photo) * 4 / 3 > MAX_ARG_STRLEN, "the photo must be too big to pass on a command line"
     img = Image.open(io.BytesIO(photo))
@@ -85,3 +85,26 @@ def test_readme_api_examples_work_as_written_for_a_large_photo(service, referenc
     expected = reference.image_embeds([img]) @ reference.text_embeds(
         ["beige ceramic floor tile", "white glossy porcelain wall tile"]).T
     np.testing.assert_allclose(sim["similarity_scores"], expected, atol=1e-4)
+
+    # The same photos as files: one command per line, each printing one JSON answer.
+    script = files.replace("\\\n", "")
+    answers = [json.loads(line) for line in run_lines(script, service, workdir)]
+    raw, zs, sim_files = answers
+    assert float(np.dot(raw[0]["embedding"], ref[0])) > 0.9999
+    expected = reference.zero_shot(img, ["ceramic floor tile", "wood laminate plank"])
+    assert [x["label"] for x in zs[0]] == [label for label, _ in expected]
+    assert sim_files["image_count"] == 1 and sim_files["text_count"] == 2
+
+
+def run_lines(block: str, svc, cwd) -> list[str]:
+    """Each line of ``block`` run as written (against ``svc``); their outputs."""
+    script = block.replace("localhost:3000", f"127.0.0.1:{svc.port}")
+    outputs = []
+    for line in script.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        out = subprocess.run(["bash", "-euo", "pipefail", "-c", line], check=False, cwd=cwd, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, f"{line}\n{out.stderr}"
+        outputs.append(out.stdout)
+    return outputs

@@ -34,9 +34,10 @@ from siglip.api.images import (
     is_http_url,
     prepare_image,
     prepare_image_string,
+    too_large,
     url_scheme,
 )
-from siglip.api.requests import ImageInput, Limits, ParsedRequest, parse_request
+from siglip.api.requests import ImageBytes, ImageInput, Limits, ParsedRequest, parse_request
 from siglip.api.textcache import TextEmbeddingCache
 from siglip.settings import Settings
 
@@ -209,6 +210,13 @@ class Engine:
     async def _load(self, item: ImageInput, model: ModelView, spec: ImageSpec, fetch_slots: asyncio.Semaphore):
         s = self.settings
         loop = asyncio.get_running_loop()
+        if isinstance(item.value, ImageBytes):  # uploaded as bytes: the limits base64 input has, without base64
+            where = f"{item.where} ({item.value.filename})" if item.value.filename else item.where
+            size = len(item.value.data)
+            if size > s.max_image_bytes:
+                raise too_large(where, size, s.max_image_bytes)
+            return await loop.run_in_executor(self.pool, prepare_image, item.value.data, where, spec,
+                                              s.max_image_pixels, model.forward_jpeg)
         if is_http_url(item.value):
             async with fetch_slots:
                 try:

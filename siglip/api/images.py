@@ -97,6 +97,12 @@ def is_http_url(value: str) -> bool:
     return value[:8].lower().startswith(("http://", "https://"))
 
 
+def too_large(where: str, size: int, max_bytes: int) -> BadRequest:
+    """The refusal of an image over SIGLIP_MAX_IMAGE_BYTES, however it came (base64, upload, file)."""
+    return BadRequest(f"{where}: image is {fmt_bytes(size)}, over the {fmt_bytes(max_bytes)} limit "
+                      "(SIGLIP_MAX_IMAGE_BYTES)")
+
+
 def decode_image_string(value: str, where: str, max_bytes: int) -> bytes:
     """Raw bytes of a base64 string or ``data:[mime];base64,`` URI, refusing oversize input before decoding."""
     payload = value
@@ -106,8 +112,7 @@ def decode_image_string(value: str, where: str, max_bytes: int) -> bytes:
             raise BadRequest(f"{where}: data URI must be of the form data:image/...;base64,<data>")
     approx = (len(payload) * 3) // 4
     if approx > max_bytes:
-        raise BadRequest(f"{where}: image is {fmt_bytes(approx)}, over the {fmt_bytes(max_bytes)} limit "
-                         f"(SIGLIP_MAX_IMAGE_BYTES)")
+        raise too_large(where, approx, max_bytes)
     data = _b64decode(payload)
     if data is None:
         raise BadRequest(f"{where}: not a valid image URL (http/https) or base64-encoded image")

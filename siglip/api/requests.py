@@ -35,9 +35,17 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class ImageBytes:
+    """An image sent as bytes (a raw or multipart upload), not as a string: no base64 anywhere."""
+
+    data: bytes
+    filename: str | None = None
+
+
+@dataclass(frozen=True)
 class ImageInput:
     where: str  # how error messages name it, e.g. "inputs[2]" or "inputs.image"
-    value: str
+    value: str | ImageBytes
 
 
 @dataclass(frozen=True)
@@ -183,7 +191,7 @@ def _apply_template(template: str, labels: tuple[str, ...], limits: Limits) -> t
 
 def _items(value: Any, name: str, kind: str, limit: int, setting: str) -> tuple[list[tuple[str, Any]], bool]:
     """A string or a non-empty list of strings as (where, value) pairs, and whether it was a list."""
-    if isinstance(value, str):
+    if isinstance(value, (str, ImageBytes)):
         items, batched = [(name, value)], False
     elif isinstance(value, list):
         if not value:
@@ -195,7 +203,7 @@ def _items(value: Any, name: str, kind: str, limit: int, setting: str) -> tuple[
         where = "" if name == "inputs" else f" ({name})"  # top level: the spec's exact text
         raise BadRequest(f"Unsupported {kind} input type: {type(value)}{where}")
     for where, v in items:
-        if not isinstance(v, str):
+        if not isinstance(v, str) and not (kind == "image" and isinstance(v, ImageBytes)):
             raise BadRequest(f"Unsupported {kind} input type: {type(v)} ({where})")
     return items, batched
 
@@ -205,7 +213,10 @@ def image_inputs(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInpu
     was a list. The one place image inputs are checked (siglip.api.openai_api uses it too)."""
     items, batched = _items(value, name, "image", limits.max_images, "SIGLIP_MAX_IMAGES_PER_REQUEST")
     for where, v in items:
-        if not v.strip():
+        if isinstance(v, ImageBytes):
+            if not v.data:
+                raise BadRequest(f"{where}: image data is empty")
+        elif not v.strip():
             raise BadRequest(f"{where}: empty string is not an image URL or base64 image")
     return tuple(ImageInput(where, v) for where, v in items), batched
 

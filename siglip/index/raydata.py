@@ -31,10 +31,10 @@ import pyarrow as pa
 from siglip.api.engine import ModelView
 from siglip.api.errors import BadRequest, ServiceError
 from siglip.api.fetch import Fetcher, FetchPolicy
-from siglip.api.images import ImageSpec, PatchGrid, is_http_url, prepare_image, url_scheme
+from siglip.api.images import ImageSpec, PatchGrid, is_http_url, prepare_image, too_large, url_scheme
 from siglip.index.build import DEFAULT_RAY_BATCH_SIZE
 from siglip.index.sources import is_store_uri
-from siglip.settings import Settings, fmt_bytes
+from siglip.settings import Settings
 
 logger = logging.getLogger("siglip.index")
 
@@ -189,8 +189,7 @@ def _local_bytes(value: Any, where: str, limit: int) -> bytes:
         data = bytes(value)
         size = len(data)
     if data is None or size > limit:
-        raise BadRequest(f"{where}: image is {fmt_bytes(size)}, over the {fmt_bytes(limit)} limit "
-                         "(SIGLIP_MAX_IMAGE_BYTES)")
+        raise too_large(where, size, limit)
     if not data:
         raise BadRequest(f"{where}: image data is empty")
     return data

@@ -18,6 +18,10 @@ from importlib import metadata
 from typing import Any
 
 PROJECT = "siglip2-serve"
+DESCRIPTION = ("SigLIP / SigLIP 2 vision-language models: zero-shot classification, image and text embeddings and "
+               "image-text similarity (JSON, raw or multipart image uploads), an OpenAI-compatible `/v1/embeddings`, "
+               "`/info` and a `/playground`. Probes: `/livez`, `/readyz` (its 503 body says why); metrics: "
+               "`/metrics`.")
 
 
 def version() -> str:
@@ -102,7 +106,8 @@ def extra_paths(openai_prefix: str, info_path: str, playground_path: str) -> tup
 
 def complete_openapi(document: bytes, extra: tuple[dict[str, Any], dict[str, Any]]) -> bytes:
     spec = json.loads(document)
-    spec.setdefault("info", {}).update(title=f"{PROJECT} API", version=version())
+    # BentoML's description is its own banner: badge images from other hosts and links to its community.
+    spec.setdefault("info", {}).update(title=f"{PROJECT} API", version=version(), description=DESCRIPTION)
     paths, schemas = extra
     spec.setdefault("paths", {}).update(paths)
     spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)

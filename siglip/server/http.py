@@ -5,7 +5,8 @@ a 500 or an opaque validation error and cannot tell a missing field from null. I
 one Authorization header (400) and bearer auth (401), declared body size (413) and in-flight limit (429), all
 from the headers alone; then the body (upload slots, rate, size and memory budget: 408/413/429), JSON
 well-formedness, depth and shape (400). The body is then replayed to BentoML; error answers BentoML or Starlette
-write as plain text (404, 405) get the service's error body. While the request runs, the guard watches the connection: if the client goes away,
+write as plain text (404, 405) get the service's error body. Image and multipart bodies (``siglip.server.uploads``)
+skip the JSON checks and go to the uploads app instead of BentoML, after the same body limits. While the request runs, the guard watches the connection: if the client goes away,
 the request's task is cancelled so no work is done for nobody.
 """
 
@@ -26,6 +27,7 @@ from siglip.api.errors import BadRequest, BodyTimeout, Overloaded, PayloadTooLar
 from siglip.api.openai_api import OPENAI_PREFIX
 from siglip.api.openai_api import error_object as openai_error_object
 from siglip.server import playground
+from siglip.server.uploads import is_upload
 from siglip.settings import MB, fmt_bytes
 
 logger = logging.getLogger("siglip.http")
@@ -173,8 +175,9 @@ class RequestGuard:
     def __init__(self, app: Any, api_paths: frozenset[str], tokens: tuple[str, ...] = (),
                  max_body_bytes: int = 64 * MB, max_concurrency: int = 256, max_inflight_body_bytes: int = 512 * MB,
                  body_timeout_s: float = 10.0, min_upload_rate: int = 16 * 1024, max_uploads: int = 64,
-                 request_timeout_s: float = 120.0):
+                 request_timeout_s: float = 120.0, uploads: Any = None):
         self.app = app
+        self.upload_app = uploads  # the ASGI app for image and multipart bodies (siglip.server.uploads)
         self.api_paths = api_paths
         self.tokens = tokens
         self.max_body_bytes = max_body_bytes
@@ -209,11 +212,14 @@ class RequestGuard:
         except ServiceError as exc:
             return await _send_error(send, exc, close=True, path=path)
         held = 0  # bytes of this body counted in inflight_body_bytes
+        content_type = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"content-type"), "")
+        upload = self.upload_app is not None and not path.startswith(OPENAI_PREFIX) and is_upload(content_type)
         try:
             try:
                 body = await self._read_body(receive)
                 held = len(body)
-                check_body(body, path)
+                if not upload:
+                    check_body(body, path)
             except (PayloadTooLarge, Overloaded, BodyTimeout) as exc:
                 # Refused mid-upload: the rest of the body is not read, so the connection cannot be reused.
                 return await _send_error(send, exc, close=True, path=path)
@@ -221,7 +227,7 @@ class RequestGuard:
                 return await _send_error(send, exc, path=path)
             if self.in_flight >= self.max_concurrency:  # filled while this body arrived
                 return await _send_error(send, self._busy(), path=path)
-            await self._run(scope, receive, send, body)
+            await self._run(scope, receive, send, body, upload)
         finally:
             self.inflight_body_bytes -= held
 
@@ -241,7 +247,7 @@ class RequestGuard:
         return PayloadTooLarge(f"request body is over the {fmt_bytes(self.max_body_bytes)} limit "
                                "(SIGLIP_MAX_BODY_BYTES)")
 
-    async def _run(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+    async def _run(self, scope: Scope, receive: Receive, send: Send, body: bytes, upload: bool = False) -> None:
         self.in_flight += 1
         released = False
 
@@ -259,15 +265,17 @@ class RequestGuard:
                 release()
 
         try:
-            await self._serve(scope, receive, releasing_send, body)
+            await self._serve(scope, receive, releasing_send, body, upload)
         finally:
             release()
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
-        # BentoML picks its parser by Content-Type; `curl -d` sends form-urlencoded, so declare JSON.
-        headers = [(k, v) for k, v in scope.get("headers", []) if k not in (b"content-type", b"content-length")]
-        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        scope = dict(scope, headers=headers)
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, body: bytes, upload: bool = False) -> None:
+        app = self.upload_app if upload else self.app
+        if not upload:
+            # BentoML picks its parser by Content-Type; `curl -d` sends form-urlencoded, so declare JSON.
+            headers = [(k, v) for k, v in scope.get("headers", []) if k not in (b"content-type", b"content-length")]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            scope = dict(scope, headers=headers)
 
         disconnected = asyncio.Event()
         replayed = False
@@ -289,7 +297,7 @@ class RequestGuard:
             if is_last_body(message):
                 response_done = True  # from now on the server reports "disconnect" for a finished exchange
 
-        app_task = asyncio.ensure_future(self.app(scope, replay, tracked_send))
+        app_task = asyncio.ensure_future(app(scope, replay, tracked_send))
         watch = asyncio.ensure_future(receive())
         try:
             done, _ = await asyncio.wait({app_task, watch}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,6 +1,7 @@
 """``GET /readyz`` that says why: BentoML answers 503 "Runners are not ready." whatever the cause; this middleware
-keeps its status and replaces the body with one line naming the cause (the model failed to load and why, still
-loading, or not answering), asked of the model service's ``info`` within ``CAUSE_TIMEOUT_S``."""
+keeps its status and replaces the body with one line naming the cause, in the service's error shape
+({"error": ...}, from ``siglip.server.http.shape_errors``): the model failed to load and why, still
+loading, or not answering; asked of the model service's ``info`` within ``CAUSE_TIMEOUT_S``."""
 
 from __future__ import annotations
 

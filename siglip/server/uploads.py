@@ -1,0 +1,129 @@
+"""Images sent as files: a raw body (``curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg'``) or a multipart
+form (``curl -F image=@a.jpg -F candidate_labels='["tile","wood"]'``), on the same routes as the JSON API.
+
+They become the JSON body's ``inputs`` and ``parameters``, the images as ``ImageBytes`` (no base64 anywhere), and
+take the same request path (``Engine.run``): same modes, limits, errors and metrics. ``RequestGuard`` reads the
+body under the same size, rate and memory limits before this app sees it.
+
+Form fields: ``image`` / ``images`` (files, repeatable), ``text`` / ``texts`` (repeatable), ``parameters`` (a JSON
+object), and any parameter by name (``candidate_labels``, ``top_k``, ``function_to_apply``, ...), a JSON value or
+plain text; ``candidate_labels`` may also be repeated. A raw body takes its parameters from the query string the
+same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from siglip.api.errors import BadRequest
+from siglip.api.requests import ImageBytes, Limits
+from siglip.api.schemas import Parameters
+
+IMAGE_FIELDS, TEXT_FIELDS = ("image", "images"), ("text", "texts")
+PARAMETER_FIELDS = frozenset(Parameters.model_fields)
+MAX_FIELD_BYTES = 1024 * 1024  # a text field of a form (Starlette's default part size)
+
+
+def is_upload(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind.startswith("image/") or kind in ("multipart/form-data", "application/octet-stream")
+
+
+def _value(name: str, raw: str) -> Any:
+    """A parameter given as form or query text: JSON when it parses (numbers, lists), else the text itself."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw
+
+
+def _parameters(fields: list[tuple[str, Any]], where: str) -> dict[str, Any]:
+    parameters: dict[str, Any] = {}
+    labels: list[Any] = []
+    for name, raw in fields:
+        if not isinstance(raw, str):
+            raise BadRequest(f"{where} {name!r} is a file; only {' and '.join(IMAGE_FIELDS)} take files")
+        if name == "parameters":
+            value = _value(name, raw)
+            if not isinstance(value, dict):
+                raise BadRequest(f"{where} 'parameters' must be a JSON object")
+            parameters.update(value)
+        elif name == "candidate_labels":
+            value = _value(name, raw)
+            labels.extend(value if isinstance(value, list) else [raw])
+        elif name in PARAMETER_FIELDS:
+            parameters[name] = _value(name, raw)
+        else:
+            known = ", ".join((*IMAGE_FIELDS, *TEXT_FIELDS, "parameters", *sorted(PARAMETER_FIELDS)))
+            raise BadRequest(f"unknown {where} {name!r} (known: {known})")
+    if labels:
+        parameters["candidate_labels"] = labels
+    return parameters
+
+
+def _inputs(images: list[ImageBytes], texts: list[str]) -> Any:
+    one = (lambda items: items[0] if len(items) == 1 else items)
+    if images and texts:
+        return {"images": images, "texts": texts}
+    if images:
+        return one(images)
+    if texts:
+        return one(texts)
+    raise BadRequest(f"no image or text in the form: send files as {IMAGE_FIELDS[0]}=@photo.jpg and texts as "
+                     f"{TEXT_FIELDS[0]}=...")
+
+
+async def upload_request(request: Request, limits: Limits) -> tuple[Any, dict[str, Any]]:
+    """(inputs, parameters) of a raw or multipart upload, in the JSON body's shape."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        body = await request.body()
+        return ImageBytes(body), _parameters(list(request.query_params.multi_items()), "query parameter")
+    try:
+        # One file over the limit still parses, so the request path refuses it with its own message.
+        form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_texts + 64,
+                                  max_part_size=MAX_FIELD_BYTES)
+    except Exception as exc:  # noqa: BLE001 - Starlette's MultiPartException and the parser's own errors
+        raise BadRequest(f"multipart form could not be read: {getattr(exc, 'message', exc)}") from None
+    images: list[ImageBytes] = []
+    texts: list[str] = []
+    rest: list[tuple[str, Any]] = []
+    for name, value in form.multi_items():
+        if name in IMAGE_FIELDS:
+            if not isinstance(value, UploadFile):
+                raise BadRequest(f"form field {name!r} must be a file (curl -F {name}=@photo.jpg), not text")
+            images.append(ImageBytes(await value.read(), value.filename))
+        elif name in TEXT_FIELDS:
+            if not isinstance(value, str):
+                raise BadRequest(f"form field {name!r} must be text, not a file")
+            texts.append(value)
+        else:
+            rest.append((name, value))
+    await form.close()
+    return _inputs(images, texts), _parameters(rest, "form field")
+
+
+def upload_app(routes: Mapping[str, str | None], run: Callable[[Any, Any, str | None], Any],
+               limits: Callable[[], Limits]) -> Any:
+    """An ASGI app answering uploads on ``routes`` (path -> the endpoint's mode, None for ``/``); ``run(inputs,
+    parameters, mode)`` is the engine's request path, returning the response."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from siglip.server.http import answer
+
+    async def handle(request: Request):
+        mode = routes[request.url.path]
+
+        async def call() -> bytes:
+            inputs, parameters = await upload_request(request, limits())
+            return await run(inputs, parameters, mode)
+
+        return await answer(call, request.url.path)
+
+    return Starlette(routes=[Route(path, handle, methods=["POST"]) for path in routes])
