@@ -1,6 +1,6 @@
 """Every setting of the service, read from the environment in this one place.
 
-Each field is one ``SIGLIP_*`` variable (its name upper-cased); the README's configuration table lists them.
+Each field is one ``SIGLIP_*`` variable (its name upper-cased); docs/configuration.md's table lists them (tests/test_settings.py keeps the two in step).
 Values are validated when read, so a typo fails at start-up with the variable's name rather than at the first
 request.
 """

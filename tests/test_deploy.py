@@ -646,4 +646,4 @@ def test_rayjob_runs_the_ray_engine_on_a_cpu_and_a_gpu_group_from_zero(rayjob):
         names = {e["name"] for e in c.get("env", [])}
         assert not names - SETTING_NAMES - OTHER_ENV, f"{name}: unknown env {sorted(names - SETTING_NAMES)}"
         Settings.from_env({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
-    assert str(RAYJOB.relative_to(ROOT)) in (ROOT / "README.md").read_text()
+    assert str(RAYJOB.relative_to(ROOT)) in (ROOT / "docs" / "indexer.md").read_text(), "the indexer page names the RayJob"

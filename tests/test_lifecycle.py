@@ -63,6 +63,30 @@ def test_model_that_cannot_load_keeps_service_not_ready(broken):
         "error": f"not ready: loading /nonexistent/dir failed: {CAUSE}"}
 
 
+def test_a_hub_model_without_hub_access_is_explained(tmp_path, monkeypatch):
+    """transformers' own error for a hub id that is not cached, with the hub off (HF_HUB_OFFLINE=1: nothing is
+    sent), becomes the one-line cause with the offline hint."""
+    from siglip.model.encoder import OFFLINE_HINT, explain_load_error, load_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # read at import time
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"a connection was attempted: {args[:1]}")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(Exception) as caught:
+        load_checkpoint("google/siglip2-base-patch16-512", None)
+    assert not isinstance(caught.value, AssertionError), caught.value
+    cause, expected = explain_load_error("google/siglip2-base-patch16-512", caught.value)
+    assert expected and cause.endswith(OFFLINE_HINT), (type(caught.value), caught.value)
+
+
 def test_load_errors_are_explained_in_one_line():
     from siglip.model.encoder import OFFLINE_HINT, explain_load_error
 

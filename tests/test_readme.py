@@ -1,4 +1,5 @@
-"""The README's curl examples, run as written with bash against a real server, on a photo too big for a command line.
+"""The API page's curl examples (docs/api.md), run as written with bash against a real server, on a photo too big
+for a command line.
 
 A newcomer pastes these first: they must work for any photo up to the limits (a base64 image inside ``-d '...'``
 fails with "Argument list too long" past ~128 KB, the kernel's limit on one argument).
@@ -22,9 +23,9 @@ LOOPBACK = re.compile(r"https?://(localhost|127\.0\.0\.1)[:/]")
 
 
 def api_blocks() -> list[str]:
-    """The bash blocks of the README's API section, in order."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("\n## API"):readme.index("\n### Auto-detection")]
+    """The bash blocks of docs/api.md's API section (moved there from the README), in order."""
+    page = (ROOT / "docs" / "api.md").read_text()
+    section = page[page.index("\n## API"):page.index("\n### Auto-detection")]
     return re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
 
 
@@ -38,7 +39,7 @@ def big_photo() -> bytes:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     if shutil.which("curl") is None:
-        pytest.fail("curl is needed for the README examples (apt-get install curl)")
+        pytest.fail("curl is needed for the docs/api.md examples (apt-get install curl)")
     d = tmp_path_factory.mktemp("readme")
     (d / "photo.jpg").write_bytes(big_photo())
     (d / "other.png").write_bytes(encode(make_image(32)))
@@ -48,7 +49,7 @@ def workdir(tmp_path_factory):
 def run(block: str, setup: str, svc, cwd) -> object:
     script = (setup + "\n" + block).replace("localhost:3000", f"127.0.0.1:{svc.port}")
     for url in re.findall(r"https?://[^\s'\"]+", script):
-        assert LOOPBACK.match(url), f"README example would leave the machine: {url}"
+        assert LOOPBACK.match(url), f"docs/api.md example would leave the machine: {url}"
     out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], check=False, cwd=cwd, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, f"{block}\n{out.stderr}"

@@ -335,13 +335,14 @@ def test_a_killed_driver_costs_only_the_shards_in_flight(ray_env, tmp_path):
 
 
 def readme_python_example() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Inside your own Ray job", 1)[1]
+    """The Python example of docs/indexer.md's "Inside your own Ray job" (moved there from the README)."""
+    page = (ROOT / "docs" / "indexer.md").read_text()
+    section = page.split("### Inside your own Ray job", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_the_readme_python_api_example_runs_as_written(ray_env, odd_folder, service_vectors, tmp_path):
-    """The README's example over a Parquet manifest of ids and image bytes gives the service's vectors."""
+    """docs/indexer.md's example over a Parquet manifest of ids and image bytes gives the service's vectors."""
     names = sorted(service_vectors) + [BROKEN]
     pa.parquet.write_table(pa.table({"id": names, "image": [(odd_folder / n).read_bytes() for n in names]}),
                            tmp_path / "manifest.parquet")

@@ -347,7 +347,7 @@ def hub_revision(model_id: str) -> str | None:
     return os.path.basename(os.path.dirname(found)) if isinstance(found, str) else None
 
 
-OFFLINE_HINT = ("set SIGLIP_MODEL to a local checkpoint directory and HF_HUB_OFFLINE=1 (README: Running offline), "
+OFFLINE_HINT = ("set SIGLIP_MODEL to a local checkpoint directory and HF_HUB_OFFLINE=1 (docs/configuration.md: Running offline), "
                 "or give this machine access to huggingface.co")
 
 
