@@ -3,7 +3,7 @@
 Builds a random-weight checkpoint of each real architecture (``siglip.model.checkpoint`` presets; timings do not
 depend on weight values), loads it with the service's own encoder, and times one image (the gateway's
 preprocessing untimed, as the service splits it) and one text, after one warm-up, median of ``--calls``.
-NaFlex is timed at several patch budgets. Used for the family table in the README and in
+NaFlex is timed at several patch budgets. Used for the family table in docs/family.md and in
 ``benchmarks/gpu_run.sh``.
 
     python benchmarks/family_cost.py --root /tmp/family-ckpts [--dtype float32] [--device cpu] [--json out.json]

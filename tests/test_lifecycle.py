@@ -69,10 +69,10 @@ def test_a_hub_model_without_hub_access_is_explained(tmp_path, monkeypatch):
     from siglip.model.encoder import OFFLINE_HINT, explain_load_error, load_checkpoint
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     import huggingface_hub.constants as hub
 
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # read at import time
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))  # whatever this machine cached
     import socket
 
     def no_network(*args, **kwargs):
@@ -95,7 +95,9 @@ def test_load_errors_are_explained_in_one_line():
     assert explain_load_error("google/x", offline) == (
         f"the Hugging Face hub is unreachable and google/x is not in the local cache: {OFFLINE_HINT}", True)
     assert explain_load_error("m", MemoryError())[1] is True
-    assert explain_load_error("m", ValueError("shape mismatch")) == ("ValueError: shape mismatch", False)
+    assert explain_load_error("m", ValueError("shape mismatch\nand more")) == ("ValueError: shape mismatch", False)
+    missing = OSError("/models/x does not appear to have a file named config.json. Checkout ...")
+    assert explain_load_error("/models/x", missing)[1] is True
 
 
 def test_api_call_on_a_model_that_cannot_load_answers_503_with_the_reason(broken):

@@ -315,7 +315,7 @@ def test_a_killed_driver_costs_only_the_shards_in_flight(ray_env, tmp_path):
     listening = subprocess.run(["nsenter", "-t", str(driver.pid), "-n", "ss", "-Hltn"], capture_output=True,
                                text=True, check=True).stdout.split("\n")
     addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening if line.strip()}
-    assert addresses and addresses <= {"127.0.0.1", "[::1]"}, listening
+    assert addresses and addresses <= {"127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"}, listening
     proc.send_signal(signal.SIGKILL)  # unshare: its --kill-child SIGKILLs the driver, the namespace goes with it
     proc.communicate(timeout=60)
     ids, _, _ = contents(db)

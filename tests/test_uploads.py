@@ -25,8 +25,12 @@ def test_a_raw_body_embeds_as_its_base64_does(service):
     assert np.allclose(raw.json()[0]["embedding"], as_json.json()[0]["embedding"], atol=1e-6)
     # the auto-detecting route takes it too, and parameters come from the query string
     ranked = httpx.post(service.url + "/", content=JPEG, params={"candidate_labels": '["tile","wood"]'},
-                        headers={"Content-Type": "application/octet-stream"}, timeout=60)
+                        headers={"Content-Type": "image/jpeg"}, timeout=60)
     assert ranked.status_code == 200 and {r["label"] for r in ranked.json()} == {"tile", "wood"}, ranked.text
+    # JSON sent as application/octet-stream (aiohttp's default for bytes) is still JSON
+    as_bytes = httpx.post(service.url + "/text_embedding", content=b'{"inputs": "a tile"}',
+                          headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    assert as_bytes.status_code == 200 and len(as_bytes.json()) == 1, as_bytes.text
 
 
 def test_multipart_forms_for_every_image_mode(service):
@@ -69,18 +73,36 @@ def test_upload_mistakes_are_400s_that_name_the_item(service):
     nothing = post_files(service, "/image_embedding", data={"top_k": "1"},
                          files=[("parameters", (None, "{}"))])
     assert nothing.status_code == 400 and "no image or text in the form" in nothing.json()["error"]
+    deep = post_files(service, "/zero_shot", [("image", ("a.jpg", JPEG, "image/jpeg")),
+                                              ("parameters", (None, '{"mode": ' + "[" * 900 + "]" * 900 + "}"))])
+    assert deep.status_code == 400 and "nested deeper than" in deep.json()["error"], deep.text
+    quoted = post_files(service, "/zero_shot", [("image", ("a.jpg", JPEG, "image/jpeg"))],
+                        data={"candidate_labels": ['"tile"', "wood"]})
+    assert quoted.status_code == 200 and {r["label"] for r in quoted.json()} == {"tile", "wood"}, quoted.text
+    to_text = httpx.post(service.url + "/text_embedding", content=JPEG, headers={"Content-Type": "image/jpeg"},
+                         timeout=60)
+    assert to_text.status_code == 400
+    assert to_text.json()["error"] == "inputs: an image file was sent where text is expected"
     missing_labels = post_files(service, "/zero_shot", [("image", ("a.jpg", JPEG, "image/jpeg"))])
     assert missing_labels.status_code == 400
     assert missing_labels.json()["error"] == "candidate_labels is required for zero-shot classification"
 
 
 def test_uploads_keep_the_limits_and_count_in_the_metrics(service, start_service):
-    small = start_service(SIGLIP_MAX_IMAGE_BYTES=str(len(JPEG) - 1), SIGLIP_MAX_IMAGES_PER_REQUEST="2")
-    big = post_files(small, "/image_embedding", [("image", ("a.jpg", JPEG, "image/jpeg"))])
+    small = start_service(SIGLIP_MAX_IMAGE_BYTES=str(len(JPEG) - 1), SIGLIP_MAX_IMAGES_PER_REQUEST="2",
+                          SIGLIP_MAX_BODY_BYTES=str(8 * len(JPEG)), SIGLIP_API_TOKEN="upload-secret")
+    auth = {"Authorization": "Bearer upload-secret"}
+    one = [("image", ("a.jpg", JPEG, "image/jpeg"))]
+    assert post_files(small, "/image_embedding", one).status_code == 401  # no token, no upload
+    big = post_files(small, "/image_embedding", one, headers=auth)
     assert big.status_code == 400 and "(a.jpg): image is" in big.json()["error"], big.text
     assert "(SIGLIP_MAX_IMAGE_BYTES)" in big.json()["error"]
-    three = post_files(small, "/image_embedding", [("image", (f"{i}.png", PNG, "image/png")) for i in range(3)])
-    assert three.status_code == 400 and "(SIGLIP_MAX_IMAGES_PER_REQUEST)" in three.json()["error"], three.text
+    for n in (3, 6):  # one over the limit (the request path's message) and several over (the form parser's)
+        files = [("image", (f"{i}.png", PNG, "image/png")) for i in range(n)]
+        many = post_files(small, "/image_embedding", files, headers=auth)
+        assert many.status_code == 400 and "(SIGLIP_MAX_IMAGES_PER_REQUEST)" in many.json()["error"], many.text
+    huge = post_files(small, "/image_embedding", [("image", ("big.jpg", JPEG * 9, "image/jpeg"))], headers=auth)
+    assert huge.status_code == 413 and "(SIGLIP_MAX_BODY_BYTES)" in huge.json()["error"], huge.text
 
     before = scrape(service)
     assert post_files(service, "/", [("image", ("a.jpg", JPEG, "image/jpeg"))]).status_code == 200

@@ -203,7 +203,9 @@ def _items(value: Any, name: str, kind: str, limit: int, setting: str) -> tuple[
         where = "" if name == "inputs" else f" ({name})"  # top level: the spec's exact text
         raise BadRequest(f"Unsupported {kind} input type: {type(value)}{where}")
     for where, v in items:
-        if not isinstance(v, str) and not (kind == "image" and isinstance(v, ImageBytes)):
+        if isinstance(v, ImageBytes) and kind != "image":
+            raise BadRequest(f"{where}: an image file was sent where {kind} is expected")
+        if not isinstance(v, str) and not isinstance(v, ImageBytes):
             raise BadRequest(f"Unsupported {kind} input type: {type(v)} ({where})")
     return items, batched
 
@@ -215,7 +217,7 @@ def image_inputs(value: Any, name: str, limits: Limits) -> tuple[tuple[ImageInpu
     for where, v in items:
         if isinstance(v, ImageBytes):
             if not v.data:
-                raise BadRequest(f"{where}: image data is empty")
+                raise BadRequest(f"{where}{f' ({v.filename})' if v.filename else ''}: image data is empty")
         elif not v.strip():
             raise BadRequest(f"{where}: empty string is not an image URL or base64 image")
     return tuple(ImageInput(where, v) for where, v in items), batched

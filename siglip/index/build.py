@@ -216,7 +216,9 @@ class Builder:
             except SiglipError as exc:
                 if exc.status == 429:
                     self.window.overloaded()
-                last = self.backoff.attempts if exc.status is not None or not unreachable_tries else unreachable_tries
+                last = self.backoff.attempts
+                if exc.status is None and unreachable_tries:
+                    last = min(last, unreachable_tries)
                 if exc.status not in RETRYABLE or attempt >= last - 1:
                     exc.tries = attempt + 1  # type: ignore[attr-defined]
                     raise

@@ -91,7 +91,8 @@ def parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_RAY_BATCH_SIZE})")
     b.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default: 4)")
     b.add_argument("--tries", type=_positive, default=8,
-                   help="tries per request on 429/502/503/504 or a broken connection (default: 8)")
+                   help="tries per request on 429/502/503/504 or a broken connection (default: 8; while no "
+                        "server has answered at all, 3)")
     b.add_argument("--index-threshold", type=int, default=DEFAULT_INDEX_THRESHOLD, metavar="ROWS",
                    help="build the IVF_HNSW_SQ cosine index once the table has this many rows; below it search "
                         f"is exact (default: {DEFAULT_INDEX_THRESHOLD}; 0: never)")
@@ -220,8 +221,10 @@ def _ray_resources(args, cluster: dict):
                        "will never have one)", per_actor)
     actors = args.actors or (1, max(1, int(gpus / per_actor)) if per_actor else 1)
     defaults = Resources()
-    return Resources(actors, per_actor, args.cpus_per_actor or defaults.cpus_per_actor,
-                     args.decode_cpus or defaults.decode_cpus, args.batch_size).fit(cluster.get("CPU", 0))
+    return Resources(actors, per_actor,
+                     defaults.cpus_per_actor if args.cpus_per_actor is None else args.cpus_per_actor,
+                     defaults.decode_cpus if args.decode_cpus is None else args.decode_cpus,
+                     args.batch_size).fit(cluster.get("CPU", 0))
 
 
 def _run_ray_build(args, store, todo, stats, signals: list[int]) -> None:
@@ -295,7 +298,7 @@ def build(args) -> int:
         if args.batch_size is None:
             args.batch_size = DEFAULT_RAY_BATCH_SIZE if args.engine == "ray" else DEFAULT_BATCH_SIZE
         catalog = read_source(args.source, args.kind, args.id_column, args.image_column)
-        created = "://" not in args.db and not Path(args.db).exists()
+        created = "://" not in args.db and not Path(args.db).expanduser().exists()
         store = CatalogStore(args.db, args.table)
         todo = plan(catalog.items, store.ids(), args.shard_size)
     except (SourceError, StoreError, ValueError, ImportError) as exc:
@@ -349,8 +352,9 @@ def build(args) -> int:
         store.record_failures(catalog.problems + ([] if args.engine == "ray" else stats.failures), stats.added_ids)
     except Exception as exc:  # noqa: BLE001 - the rows are written; losing the failure list must not hide them
         logger.warning("could not record the failed items in %s: %s", args.db, exc)
-    if error and created and stats.added == 0 and not any(Path(args.db).iterdir()):
-        Path(args.db).rmdir()  # a build that could not start leaves no empty database behind
+    db_dir = Path(args.db).expanduser()
+    if error and created and stats.added == 0 and db_dir.is_dir() and not any(db_dir.iterdir()):
+        db_dir.rmdir()  # a build that could not start leaves no empty database behind
     summary = _summary(args, store, catalog, stats, index, interrupted)
     if args.json:
         print(json.dumps(summary | ({"error": error} if error else {}), indent=1))
@@ -426,7 +430,7 @@ def _open_existing(args):
     """The store of an existing table, or None after printing why (status and finalize create nothing)."""
     from siglip.index.store import CatalogStore
 
-    if "://" not in args.db and not Path(args.db).is_dir():
+    if "://" not in args.db and not Path(args.db).expanduser().is_dir():
         print(f"siglip-index {args.command}: {args.db}: no such database", file=sys.stderr)
         return None
     store = CatalogStore(args.db, args.table)

@@ -347,6 +347,10 @@ def hub_revision(model_id: str) -> str | None:
     return os.path.basename(os.path.dirname(found)) if isinstance(found, str) else None
 
 
+class CheckpointNotFound(FileNotFoundError):
+    """SIGLIP_MODEL names a local directory that is not there."""
+
+
 OFFLINE_HINT = ("set SIGLIP_MODEL to a local checkpoint directory and HF_HUB_OFFLINE=1 (docs/configuration.md: Running offline), "
                 "or give this machine access to huggingface.co")
 
@@ -355,7 +359,7 @@ def explain_load_error(model_id: str, exc: BaseException) -> tuple[str, bool]:
     """(one line saying why ``model_id`` did not load and what to do, whether the failure is an expected one: a
     missing directory, no hub access, an unknown or gated repo, out of memory)."""
     name, text = type(exc).__name__, (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, FileNotFoundError) and "SIGLIP_MODEL" in text:
+    if isinstance(exc, CheckpointNotFound):
         return text, True
     if isinstance(exc, MemoryError) or name == "OutOfMemoryError":
         return f"out of memory ({name}): give it more memory, a smaller model or SIGLIP_DTYPE=bfloat16", True
@@ -368,7 +372,9 @@ def explain_load_error(model_id: str, exc: BaseException) -> tuple[str, bool]:
     if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "couldn't connect" in lowered \
             or "offline mode" in lowered or "cannot find the requested files in the local cache" in lowered:
         return f"the Hugging Face hub is unreachable and {model_id} is not in the local cache: {OFFLINE_HINT}", True
-    return f"{name}: {exc}", False
+    if "does not appear to have a file named" in lowered:  # a directory without config.json, weights, ...
+        return f"{text} (SIGLIP_MODEL must be a checkpoint directory: config, weights, processor and tokenizer)", True
+    return f"{name}: {text}", False  # its first line: /readyz and the log line stay one line
 
 
 def load_checkpoint(model_id: str, dtype: Any) -> tuple[Any, Any, Any]:
@@ -378,7 +384,7 @@ def load_checkpoint(model_id: str, dtype: Any) -> tuple[Any, Any, Any]:
 
     if model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model_id)):
         # Otherwise the hub client reports a confusing "Repo id must be in the form ..." error.
-        raise FileNotFoundError(f"checkpoint directory {model_id} does not exist (SIGLIP_MODEL)")
+        raise CheckpointNotFound(f"checkpoint directory {model_id} does not exist (SIGLIP_MODEL)")
     model = AutoModel.from_pretrained(model_id, dtype=dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(model_id)
     # The text embedding is read at the last position: padding must be on the right (the hub files say so;

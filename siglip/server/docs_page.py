@@ -14,7 +14,6 @@ same pydantic models the handlers validate with), ``/info`` and ``/playground``.
 from __future__ import annotations
 
 import json
-from importlib import metadata
 from typing import Any
 
 PROJECT = "siglip2-serve"
@@ -25,10 +24,9 @@ DESCRIPTION = ("SigLIP / SigLIP 2 vision-language models: zero-shot classificati
 
 
 def version() -> str:
-    try:
-        return metadata.version(PROJECT)
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "0+unknown"
+    from siglip import __version__
+
+    return __version__
 
 DOCS_HTML = b"""<!DOCTYPE html>
 <html lang="en">

@@ -23,7 +23,8 @@ async def not_ready_cause(status: Callable[[], Awaitable[dict[str, Any]]]) -> st
         return f"not ready: {answer['error']}"
     if not answer.get("ready"):
         return "not ready: the model is loading"
-    return "not ready: the model is loaded and warming up its batchers"
+    return ("not ready: the model is loaded, but the model service's readiness check did not pass (warming up "
+            "its batchers, or too busy to answer it in time)")
 
 
 class ReadinessCause:

@@ -7,8 +7,8 @@ body under the same size, rate and memory limits before this app sees it.
 
 Form fields: ``image`` / ``images`` (files, repeatable), ``text`` / ``texts`` (repeatable), ``parameters`` (a JSON
 object), and any parameter by name (``candidate_labels``, ``top_k``, ``function_to_apply``, ...), a JSON value or
-plain text; ``candidate_labels`` may also be repeated. A raw body takes its parameters from the query string the
-same way.
+plain text; ``candidate_labels`` may also be repeated. The query string may carry parameters the same
+way (a raw body's only place for them).
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ MAX_FIELD_BYTES = 1024 * 1024  # a text field of a form (Starlette's default par
 
 
 def is_upload(content_type: str) -> bool:
+    """An image body or a multipart form. Not application/octet-stream: clients (aiohttp's data=bytes) send JSON
+    under it."""
     kind = content_type.split(";", 1)[0].strip().lower()
-    return kind.startswith("image/") or kind in ("multipart/form-data", "application/octet-stream")
+    return kind.startswith("image/") or kind == "multipart/form-data"
 
 
 def _value(name: str, raw: str) -> Any:
@@ -43,6 +45,8 @@ def _value(name: str, raw: str) -> Any:
 
 
 def _parameters(fields: list[tuple[str, Any]], where: str) -> dict[str, Any]:
+    from siglip.server.http import check_depth
+
     parameters: dict[str, Any] = {}
     labels: list[Any] = []
     for name, raw in fields:
@@ -55,7 +59,7 @@ def _parameters(fields: list[tuple[str, Any]], where: str) -> dict[str, Any]:
             parameters.update(value)
         elif name == "candidate_labels":
             value = _value(name, raw)
-            labels.extend(value if isinstance(value, list) else [raw])
+            labels.extend(value if isinstance(value, list) else [value if isinstance(value, str) else raw])
         elif name in PARAMETER_FIELDS:
             parameters[name] = _value(name, raw)
         else:
@@ -63,6 +67,7 @@ def _parameters(fields: list[tuple[str, Any]], where: str) -> dict[str, Any]:
             raise BadRequest(f"unknown {where} {name!r} (known: {known})")
     if labels:
         parameters["candidate_labels"] = labels
+    check_depth(parameters)  # as deep as a JSON body may be
     return parameters
 
 
@@ -81,15 +86,19 @@ def _inputs(images: list[ImageBytes], texts: list[str]) -> Any:
 async def upload_request(request: Request, limits: Limits) -> tuple[Any, dict[str, Any]]:
     """(inputs, parameters) of a raw or multipart upload, in the JSON body's shape."""
     content_type = request.headers.get("content-type", "")
+    query = list(request.query_params.multi_items())
     if not content_type.lower().startswith("multipart/form-data"):
         body = await request.body()
-        return ImageBytes(body), _parameters(list(request.query_params.multi_items()), "query parameter")
+        return ImageBytes(body), _parameters(query, "query parameter")
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
     try:
         # One file over the limit still parses, so the request path refuses it with its own message.
         form = await request.form(max_files=limits.max_images + 1, max_fields=limits.max_texts + 64,
                                   max_part_size=MAX_FIELD_BYTES)
-    except Exception as exc:  # noqa: BLE001 - Starlette's MultiPartException and the parser's own errors
-        raise BadRequest(f"multipart form could not be read: {getattr(exc, 'message', exc)}") from None
+    except (MultiPartException, HTTPException) as exc:
+        raise BadRequest(_form_error(str(getattr(exc, "detail", None) or exc), limits)) from None
     images: list[ImageBytes] = []
     texts: list[str] = []
     rest: list[tuple[str, Any]] = []
@@ -105,7 +114,20 @@ async def upload_request(request: Request, limits: Limits) -> tuple[Any, dict[st
         else:
             rest.append((name, value))
     await form.close()
-    return _inputs(images, texts), _parameters(rest, "form field")
+    return _inputs(images, texts), _parameters(query + rest, "form field")
+
+
+def _form_error(message: str, limits: Limits) -> str:
+    """Starlette's refusal of a form, in the JSON API's terms."""
+    if "Too many files" in message:
+        return (f"more than {limits.max_images} images in one request, over the limit of {limits.max_images} "
+                "(SIGLIP_MAX_IMAGES_PER_REQUEST)")
+    if "Too many fields" in message:
+        return (f"more than {limits.max_texts} texts in one request, over the limit of {limits.max_texts} "
+                "(SIGLIP_MAX_TEXTS_PER_REQUEST)")
+    if "Part exceeded maximum size" in message:
+        return f"a text field of the form is over {MAX_FIELD_BYTES // 1024} KB"
+    return f"multipart form could not be read: {message}"
 
 
 def upload_app(routes: Mapping[str, str | None], run: Callable[[Any, Any, str | None], Any],
