@@ -247,3 +247,24 @@ def test_tokenizer_calls_from_several_threads_do_not_mix_their_settings(tiny_che
         thread.join()
     assert not errors, errors[:1]
     assert set(counts) == {tuple(token_counts(tokenizer, ["a cat", ""], 64))} and counts[0][1] == 1, set(counts)
+
+
+def test_an_error_below_the_guard_is_answered_not_left_hanging():
+    """Uploads and JSON alike: an exception from the app behind RequestGuard becomes a 500 with the service's error
+    body (BentoML's outer layers would leave the request unanswered)."""
+    import httpx
+
+    from siglip.server.http import RequestGuard
+
+    async def broken(scope, receive, send):
+        raise RuntimeError("a bug")
+
+    guard = RequestGuard(broken, frozenset({"/image_embedding"}), uploads=broken)
+
+    async def call(**kw):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as client:
+            return await client.post("/image_embedding", **kw)
+
+    for kw in ({"json": {"inputs": "a"}}, {"content": b"\xff\xd8", "headers": {"content-type": "image/jpeg"}}):
+        r = asyncio.run(call(**kw))
+        assert r.status_code == 500 and r.json() == {"error": "internal error: RuntimeError"}, r.text

@@ -194,6 +194,24 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._guard(scope, receive, tracking)
+        except Exception as exc:
+            # A bug below must still answer: BentoML's outer layers leave an unanswered request hanging.
+            logger.exception("unexpected error serving %s", scope.get("path"))
+            if started:
+                raise
+            await _send_error(tracking, ServiceError(f"internal error: {type(exc).__name__}"), close=True,
+                              path=scope.get("path", ""))
+
+    async def _guard(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         send = shape_errors(send, path)
         if path not in OPEN_PATHS:
