@@ -300,24 +300,29 @@ def test_a_killed_driver_costs_only_the_shards_in_flight(ray_env, tmp_path):
     proc = subprocess.Popen(isolated(sys.executable, "-m", "siglip.index", "build", *map(str, args), "--engine",
                                      "ray", "--quiet"), env=ray_env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + BUILD_TIMEOUT_S
-    while count(db) == 0:  # the stuck shard never finishes, so the build cannot end before the kill
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            out, err = proc.communicate()
-            pytest.fail(f"no shard committed (exit {proc.returncode}):\n{out}\n{err[-4000:]}")
-        time.sleep(0.2)
-    # The local cluster listens on its namespace's loopback only (inside it, a port bound to every interface
-    # would show as 0.0.0.0 or *).
-    import psutil
+    try:
+        deadline = time.monotonic() + BUILD_TIMEOUT_S
+        while count(db) == 0:  # the stuck shard never finishes, so the build cannot end before the kill
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                out, err = proc.communicate()
+                pytest.fail(f"no shard committed (exit {proc.returncode}):\n{out}\n{err[-4000:]}")
+            time.sleep(0.2)
+        # The local cluster listens on its namespace's loopback only (inside it, a port bound to every interface
+        # would show as 0.0.0.0 or *).
+        import psutil
 
-    (driver,) = psutil.Process(proc.pid).children()
-    listening = subprocess.run(["nsenter", "-t", str(driver.pid), "-n", "ss", "-Hltn"], capture_output=True,
-                               text=True, check=True).stdout.split("\n")
-    addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening if line.strip()}
-    assert addresses and addresses <= {"127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"}, listening
-    proc.send_signal(signal.SIGKILL)  # unshare: its --kill-child SIGKILLs the driver, the namespace goes with it
-    proc.communicate(timeout=60)
+        (driver,) = psutil.Process(proc.pid).children()
+        listening = subprocess.run(["nsenter", "-t", str(driver.pid), "-n", "ss", "-Hltn"], capture_output=True,
+                                   text=True, check=True).stdout.split("\n")
+        addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening if line.strip()}
+        assert addresses and addresses <= {"127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"}, listening
+    finally:
+        # Always, a failed assertion included: unshare's --kill-child SIGKILLs the driver (PID 1 of its namespace),
+        # and every Ray process of the build goes with it (the FIFO would otherwise keep it running forever).
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=60)
     ids, _, _ = contents(db)
     kept = collections.Counter(p // shard for p in (paths.index(Path(i)) for i in ids))
     assert kept and all(kept[s] == shard for s in kept), f"partial shards committed: {kept}"
