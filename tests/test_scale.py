@@ -162,7 +162,8 @@ def test_actors_never_take_the_cpus_decoding_needs():
 
 def test_a_local_cluster_is_set_up_to_stay_on_loopback():
     """Ray reads these once, when first imported: import_ray sets them before, unless a cluster address is given."""
-    probe = ("import os; from siglip.index.raydata import import_ray; import_ray(os.environ.get('ADDR')); "
+    probe = ("import os; from siglip.index.raydata import import_ray, starts_local; "
+             "import_ray(local=starts_local(os.environ.get('ADDR'))); "
              "import ray._private.ray_constants as c; print(c.ENABLE_RAY_CLUSTER, os.environ.get("
              "'RAY_USAGE_STATS_ENABLED'))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -232,7 +232,7 @@ def _run_ray_build(args, store, todo, stats, signals: list[int]) -> None:
 
     from siglip.index import shards
     from siglip.index.build import BuildAborted
-    from siglip.index.raydata import connect, model_info
+    from siglip.index.raydata import connect, model_info, starts_local
     from siglip.index.store import StoreError, model_fingerprint
 
     def on_term(signum, frame) -> None:
@@ -266,7 +266,7 @@ def _run_ray_build(args, store, todo, stats, signals: list[int]) -> None:
         if bar is not None:
             bar.close()
         stats.finished = time.monotonic()
-        if ray is not None and not args.address and not os.environ.get("RAY_ADDRESS"):
+        if ray is not None and starts_local(args.address):
             ray.shutdown()  # the cluster this run started
 
 
@@ -292,9 +292,9 @@ def build(args) -> int:
 
             args.settings = Settings.from_env()  # a bad SIGLIP_* value: one line naming it, before any work
         if args.engine == "ray":
-            from siglip.index.raydata import import_ray
+            from siglip.index.raydata import import_ray, starts_local
 
-            import_ray(args.address)  # without the [scale] extra: say so before reading a big source
+            import_ray(local=starts_local(args.address))  # without the [scale] extra: say so before reading
         if args.batch_size is None:
             args.batch_size = DEFAULT_RAY_BATCH_SIZE if args.engine == "ray" else DEFAULT_BATCH_SIZE
         catalog = read_source(args.source, args.kind, args.id_column, args.image_column)

@@ -45,11 +45,16 @@ STATUS, ERROR, EMBEDDING = "status", "error", "embedding"
 WORKER_BYTES = 384 * 2**20  # a Ray worker running the decode code, before any image
 
 
-def import_ray(address: str | None = None) -> Any:
-    """``ray`` with Ray Data, or ImportError naming the extra that brings it. Without an ``address`` (nor
-    ``RAY_ADDRESS``) a cluster started here will be local: Ray reads the variables that keep it on loopback when it
-    is first imported, so they are set here, before that."""
-    if not (address or os.environ.get("RAY_ADDRESS")):
+def starts_local(address: str | None) -> bool:
+    """Whether ``ray.init`` will start a cluster on this machine (no address given, none in RAY_ADDRESS)."""
+    return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def import_ray(local: bool = False) -> Any:
+    """``ray`` with Ray Data, or ImportError naming the extra that brings it. ``local``: the command is about to
+    start a cluster here; Ray reads the variables that keep it on loopback when it is first imported, so they are
+    set before that (the Python API leaves the caller's process alone)."""
+    if local:
         # With it, the node's address is 127.0.0.1 and every port binds there (ray_constants.ENABLE_RAY_CLUSTER).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -64,7 +69,7 @@ def import_ray(address: str | None = None) -> Any:
 def connect(address: str | None) -> Any:
     """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local one that listens on loopback only
     and sends no usage report: a laptop run opens no port to the network."""
-    ray = import_ray(address)
+    ray = import_ray(local=starts_local(address))
     from ray.data import DataContext
 
     # The command shows its own progress bar (and Ray Data's per-operator lines would bury it).
