@@ -178,7 +178,6 @@ def _print_summary(s: dict, threshold: int) -> None:
 
 
 async def _run_build(args, store, todo, stats, signals: list[int]) -> None:
-    from tqdm import tqdm
 
     from siglip.index.build import INDEX_BACKOFF, Builder
 
@@ -190,8 +189,7 @@ async def _run_build(args, store, todo, stats, signals: list[int]) -> None:
         task.cancel()
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
-    bar = tqdm(total=len(todo), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
-               smoothing=0.1)
+    bar = _progress_bar(args, len(todo))
 
     def progress(n: int) -> None:
         bar.update(n)
@@ -205,6 +203,12 @@ async def _run_build(args, store, todo, stats, signals: list[int]) -> None:
             await builder.run(todo, args.batch_size, args.concurrency)
     finally:
         bar.close()
+
+
+def _progress_bar(args, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
 def _ray_resources(args, cluster: dict):
@@ -228,7 +232,6 @@ def _ray_resources(args, cluster: dict):
 
 
 def _run_ray_build(args, store, todo, stats, signals: list[int]) -> None:
-    from tqdm import tqdm
 
     from siglip.index import shards
     from siglip.index.build import BuildAborted
@@ -244,17 +247,17 @@ def _run_ray_build(args, store, todo, stats, signals: list[int]) -> None:
     ray = None
     try:
         ray = connect(args.address)
-        resources = _ray_resources(args, ray.cluster_resources())
+        cluster = ray.cluster_resources()
+        resources = _ray_resources(args, cluster)
         logger.info("ray cluster: %s; %d-%d embed actors x (%g GPU, %g CPU), decode tasks of %g CPU, batches of %d",
-                    ", ".join(f"{v:g} {k}" for k, v in sorted(ray.cluster_resources().items())
+                    ", ".join(f"{v:g} {k}" for k, v in sorted(cluster.items())
                               if k in ("CPU", "GPU")), *resources.actors, resources.gpus_per_actor,
                     resources.cpus_per_actor, resources.decode_cpus, resources.batch_size)
         info = model_info(args.settings, resources)
         fingerprint = model_fingerprint(info)
         store.check_model(fingerprint, stamp=True)
         store.prepare_for_fragments(info["embed_dim"], fingerprint)
-        bar = tqdm(total=len(todo), unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True,
-                   smoothing=0.1)
+        bar = _progress_bar(args, len(todo))
         shards.build(store, todo, stats, settings=args.settings, resources=resources, info=info,
                      shard_size=args.shard_size, commit_every=args.commit_every, progress=bar.update)
     except (KeyboardInterrupt, StoreError):
