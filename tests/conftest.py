@@ -7,12 +7,15 @@ Nothing here reaches the network beyond 127.0.0.1.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
+import itertools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +31,9 @@ from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# BentoML's /metrics reads prometheus_client's multiprocess files, as in its workers: the services built in this
+# process (``InProcessService``) need the directory set before prometheus_client is first imported.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="siglip-test-metrics-"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,8 +241,10 @@ class ServiceProcess:
         home = log_path.parent / "bentoml-home"
         home.mkdir(exist_ok=True)
         # ...and its own OpenVINO cache, so tests never write converted models into ~/.cache.
-        full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1",
+        inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the server sets its own
+        full_env = {**inherited, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1",
                     "BENTOML_HOME": str(home), "SIGLIP_OPENVINO_CACHE_DIR": str(home / "openvino-cache"), **env}
+        self._client: httpx.Client | None = None
         self._log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process lifetime, closed in stop()
         # ``wrap``: a command that execs the rest (e.g. unshare + mount), so proc.pid is still bentoml's main process.
         self.proc = subprocess.Popen(
@@ -266,14 +274,27 @@ class ServiceProcess:
     def post(self, path: str, body=None, **kw) -> httpx.Response:
         return httpx.post(self.url + path, json=body, timeout=kw.pop("timeout", 60), **kw)
 
-    def stop(self) -> None:
+    @property
+    def client(self) -> httpx.Client:
+        """An httpx client on this server (paths relative), as ``InProcessService.client`` is on its app."""
+        if self._client is None:
+            self._client = httpx.Client(base_url=self.url, timeout=60)
+        return self._client
+
+    def terminate(self) -> None:
+        """Ask the server to stop (SIGTERM to its process group); ``stop`` waits for it."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+
+    def stop(self) -> None:
+        self.terminate()
+        if self._client is not None:
+            self._client.close()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         self._log.close()
 
 
@@ -290,6 +311,8 @@ def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServicePro
         return svc.wait_ready() if ready else svc
 
     yield start
+    for svc in started:  # all asked at once: each drains for a while
+        svc.terminate()
     for svc in started:
         svc.stop()
 
@@ -298,6 +321,80 @@ def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServicePro
 def service(start_service) -> ServiceProcess:
     """The main contract-test server: fp32 (exact parity with the reference), loopback URLs allowed."""
     return start_service(SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the service in this process
+# ---------------------------------------------------------------------------------------------------------------
+class InProcessService:
+    """The gateway as ``bentoml serve`` builds it (BentoML's app for SiglipGateway: its API routes, this project's
+    middlewares and mounted apps), with service.py loaded under the given SIGLIP_* settings, called over an ASGI
+    transport; SiglipModel runs as a local dependency (BentoML's in-process mode: no model process, no adaptive
+    batcher). No socket, no process: for the request path and the HTTP edge, not for what crosses a process
+    boundary (connections, signals, workers), which the ``start_service`` servers test.
+
+    ``client`` is a Starlette TestClient (an httpx.Client): paths relative, as on ``ServiceProcess.client``."""
+
+    _count = itertools.count()
+
+    def __init__(self, env: dict[str, str]):
+        from starlette.testclient import TestClient
+
+        from siglip import settings as settings_module
+
+        name = f"siglip_test_service_{next(self._count)}"
+        spec = importlib.util.spec_from_file_location(name, ROOT / "service.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # pydantic resolves the APIs' annotations through the module
+        held = settings_module._settings
+        settings_module._settings = settings_module.Settings.from_env(env)  # what service.py's get_settings() reads
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            settings_module._settings = held
+        self.settings = module.settings
+        self.client = TestClient(module.SiglipGateway.to_asgi(), base_url="http://127.0.0.1:3000")
+        self.client.__enter__()  # the lifespan: the gateway's instance, and the model's, whose load starts
+
+    def wait_ready(self, timeout_s: float = 120.0) -> InProcessService:
+        """Until the model has loaded (/info answers): the in-process /readyz does not ask the local model."""
+        wait_for(lambda: self.client.get("/info").status_code == 200, timeout_s, "in-process model loaded",
+                 lambda: self.client.get("/info").text)
+        return self
+
+    def post(self, path: str, body=None, **kw) -> httpx.Response:
+        return self.client.post(path, json=body, **kw)
+
+    def close(self) -> None:
+        self.client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def in_process(tiny_checkpoint) -> Callable[..., InProcessService]:
+    """``in_process(**SIGLIP_env)``: the service in this process (``InProcessService``) with the tiny checkpoint
+    and these settings, ready; one per distinct settings, shared for the session."""
+    built: dict[tuple, InProcessService] = {}
+
+    def get(**env: str) -> InProcessService:
+        env = {"SIGLIP_MODEL": str(tiny_checkpoint), **env}
+        key = tuple(sorted(env.items()))
+        if key not in built:
+            built[key] = InProcessService(env).wait_ready()
+        return built[key]
+
+    yield get
+    for svc in built.values():
+        svc.close()
+
+
+TOKENS = ("tok-alpha-123", "tok-beta-456")
+
+
+@pytest.fixture(scope="session")
+def authed(start_service) -> ServiceProcess:
+    """Bearer auth with two tokens, otherwise defaults (private URLs refused), fp32: the server every module that
+    checks auth over a real socket shares (security, the Python client, the playground in a browser)."""
+    return start_service(SIGLIP_API_TOKEN=",".join(TOKENS), SIGLIP_DTYPE="float32")
 
 
 BROKEN = "broken.jpg"  # odd_folder's corrupt file

@@ -12,12 +12,12 @@ from PIL import Image
 
 
 @pytest.fixture(scope="module")
-def forwarding(start_service):
-    return start_service(SIGLIP_DTYPE="float32", SIGLIP_DEVICE_DECODE="on")
+def forwarding(in_process):
+    return in_process(SIGLIP_DTYPE="float32", SIGLIP_DEVICE_DECODE="on")
 
 
 def test_model_reports_its_jpeg_decoder(forwarding):
-    assert "JPEG decode in pil" in forwarding.log()
+    assert forwarding.client.get("/info").json()["jpeg_decode"] == "pil"
 
 
 def test_mixed_batch_keeps_order_and_matches_reference(forwarding, reference):

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, Route, b64, encode, make_image
+from conftest import ROOT, TOKENS, Route, b64, encode, make_image
 from PIL import Image, ImageDraw
 
 from siglip.server import playground
@@ -31,7 +31,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium's own connections are refused by the closed network.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
-TOKEN = "playground-test-token"
+TOKEN = TOKENS[0]  # the shared auth server's
 
 
 def _unavailable(why: str) -> None:
@@ -427,8 +427,8 @@ def test_page_waits_for_readiness(service, open_page, playwright_driver):
 # auth on
 # -----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def auth_service(start_service):
-    return start_service(SIGLIP_API_TOKEN=TOKEN, SIGLIP_DTYPE="float32")
+def auth_service(authed):
+    return authed
 
 
 def test_with_auth_the_page_loads_and_the_token_is_needed(auth_service, open_page, tmp_path):

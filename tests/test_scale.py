@@ -266,13 +266,15 @@ def test_ray_build_equals_the_service_and_the_local_engine(ray_env, odd_folder, 
     assert rc == 0 and hits[0]["id"] == "plain.png" and hits[0]["score"] > 0.9999
 
 
-def test_a_table_of_another_model_is_refused(ray_env, odd_folder, tmp_path):
+def test_a_table_of_another_model_is_refused(ray_env, odd_folder, tmp_path, monkeypatch):
     from siglip.model.checkpoint import build_checkpoint
 
     other = build_checkpoint(tmp_path / "other-siglip", image_size=48, patch_size=8)  # 32-dim too
     db = tmp_path / "db"
-    rc, summary, err = ray_build(ray_env, odd_folder, "--db", db)
-    assert rc == 3 and summary["added"] == 4, err[-4000:]
+    for name in ("SIGLIP_MODEL", "SIGLIP_DTYPE"):  # the table is the local engine's: one Ray cluster, not two
+        monkeypatch.setenv(name, ray_env[name])
+    rc, summary = cli_json("build", odd_folder, "--db", db, "--engine", "local", "--quiet")
+    assert rc == 3 and summary["added"] == 4, summary
     # broken.jpg failed, so the rerun has an item to embed and loads the model
     rc, summary, err = ray_build({**ray_env, "SIGLIP_MODEL": str(other)}, odd_folder, "--db", db)
     assert rc == 1 and summary["added"] == 0 and count(db) == 4, err[-4000:]

@@ -17,21 +17,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, Route, b64, encode, make_image
+from conftest import ROOT, TOKENS, Route, b64, encode, make_image
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from siglip.api.errors import FetchError
 from siglip.api.fetch import BlockedAddress, Fetcher, FetchPolicy, GuardedBackend
 
-TOKENS = ("tok-alpha-123", "tok-beta-456")
 AUTH = {"Authorization": f"Bearer {TOKENS[0]}"}
 
 
 @pytest.fixture(scope="module")
-def secure(start_service):
+def secure(authed):
     """Defaults (private URLs refused) plus bearer auth with two tokens."""
-    return start_service(SIGLIP_API_TOKEN=",".join(TOKENS))
+    return authed
 
 
 @pytest.fixture(scope="module")
