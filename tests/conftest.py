@@ -338,9 +338,18 @@ class InProcessService:
     _count = itertools.count()
 
     def __init__(self, env: dict[str, str]):
+        import logging
+
         from starlette.testclient import TestClient
 
         from siglip import settings as settings_module
+
+        # What ``log()`` reads: the siglip loggers' lines from now on (every in-process service's: they share them).
+        self._lines: list[str] = []
+        handler = logging.Handler(logging.INFO)
+        handler.emit = lambda record: self._lines.append(f"[{record.name}] {record.getMessage()}")
+        logging.getLogger("siglip").addHandler(handler)
+        self._handler = handler
 
         name = f"siglip_test_service_{next(self._count)}"
         spec = importlib.util.spec_from_file_location(name, ROOT / "service.py")
@@ -353,6 +362,7 @@ class InProcessService:
         finally:
             settings_module._settings = held
         self.settings = module.settings
+        _forget_bentoml_traffic_metrics()
         self.client = TestClient(module.SiglipGateway.to_asgi(), base_url="http://127.0.0.1:3000")
         self.client.__enter__()  # the lifespan: the gateway's instance, and the model's, whose load starts
 
@@ -365,8 +375,26 @@ class InProcessService:
     def post(self, path: str, body=None, **kw) -> httpx.Response:
         return self.client.post(path, json=body, **kw)
 
+    def log(self) -> str:
+        """The siglip loggers' lines since this service was built (other in-process services' included)."""
+        return "\n".join(self._lines)
+
     def close(self) -> None:
+        import logging
+
         self.client.__exit__(None, None, None)
+        logging.getLogger("siglip").removeHandler(self._handler)
+
+
+def _forget_bentoml_traffic_metrics() -> None:
+    """BentoML's traffic middleware registers its metrics in prometheus_client's registry when its app first serves:
+    a second app in one process would register them again (DuplicateTimeseries). /metrics reads the multiprocess
+    files, not the registry, so unregistering the earlier app's loses nothing."""
+    from prometheus_client import REGISTRY
+
+    for collector, names in list(REGISTRY._collector_to_names.items()):  # no public way to list them
+        if any(name.startswith("bentoml_") for name in names):
+            REGISTRY.unregister(collector)
 
 
 @pytest.fixture(scope="session")

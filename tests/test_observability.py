@@ -18,7 +18,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def scrape(svc) -> dict[tuple[str, frozenset], float]:
     """Every sample on /metrics as {(name, labels): value}."""
-    r = httpx.get(svc.url + "/metrics", timeout=10)
+    r = svc.client.get("/metrics")
     assert r.status_code == 200
     out = {}
     for family in text_string_to_metric_families(r.text):
@@ -38,9 +38,9 @@ def delta(before, after, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def strict(start_service):
-    """Auth on, one request slot and a short deadline, so 401, 429 and 504 are cheap to cause."""
-    return start_service(SIGLIP_API_TOKEN=TOKEN, SIGLIP_MAX_CONCURRENCY="1", SIGLIP_REQUEST_TIMEOUT_S="1.5",
+def strict(in_process):
+    """Auth on, one request slot and a short deadline, so 401, 429 and 504 are cheap to cause (in this process)."""
+    return in_process(SIGLIP_API_TOKEN=TOKEN, SIGLIP_MAX_CONCURRENCY="1", SIGLIP_REQUEST_TIMEOUT_S="1.5",
                          SIGLIP_FETCH_TOTAL_TIMEOUT_S="10", SIGLIP_FETCH_READ_TIMEOUT_S="10",
                          SIGLIP_ALLOW_PRIVATE_URLS="1")
 
@@ -124,16 +124,16 @@ def test_metrics_say_which_backend_and_decode_path_run(service, tiny_checkpoint)
 def test_refusals_401_429_504_are_counted_by_reason(strict, image_server):
     slow = image_server.add("/observability/slow.png", Route(encode(make_image(52)), delay_s=3.0))
     before = scrape(strict)
-    assert httpx.post(strict.url + "/", json={"inputs": "a"}, timeout=10).status_code == 401
+    assert strict.client.post("/", json={"inputs": "a"}).status_code == 401
     holder: list[httpx.Response] = []
     worker = threading.Thread(target=lambda: holder.append(
-        httpx.post(strict.url + "/image_embedding", json={"inputs": slow}, headers=AUTH, timeout=20)))
+        strict.client.post("/image_embedding", json={"inputs": slow}, headers=AUTH)))
     worker.start()
     deadline = time.monotonic() + 10
     while not image_server.hits.get("/observability/slow.png") and time.monotonic() < deadline:
         time.sleep(0.02)  # the slow request is fetching its image: it holds the one slot
     assert image_server.hits.get("/observability/slow.png"), "the slow request never fetched its image"
-    busy = httpx.post(strict.url + "/", json={"inputs": "b"}, headers=AUTH, timeout=10)
+    busy = strict.client.post("/", json={"inputs": "b"}, headers=AUTH)
     worker.join()
     assert busy.status_code == 429, busy.text
     assert holder[0].status_code == 504, holder[0].text
@@ -157,10 +157,10 @@ def _log_records(svc) -> list[dict]:
 def test_one_structured_log_line_per_request_without_tokens_or_image_data(strict):
     png = b64(encode(make_image(53)))
     rid = "log-check-7f3a"
-    r = httpx.post(strict.url + "/", json={"inputs": png, "parameters": {"candidate_labels": ["a", "b"]}},
-                   headers={**AUTH, "X-Request-ID": rid}, timeout=20)
+    r = strict.client.post("/", json={"inputs": png, "parameters": {"candidate_labels": ["a", "b"]}},
+                           headers={**AUTH, "X-Request-ID": rid})
     assert r.status_code == 200, r.text
-    httpx.post(strict.url + "/", json={"inputs": "x"}, headers={"X-Request-ID": rid + "-401"}, timeout=10)
+    strict.client.post("/", json={"inputs": "x"}, headers={"X-Request-ID": rid + "-401"})
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not any(x["request_id"] == rid + "-401" for x in _log_records(strict)):
         time.sleep(0.1)

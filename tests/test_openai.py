@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import Route, b64, cosine, encode, make_image
+from conftest import InProcessService, Route, b64, cosine, encode, make_image
 
 COS_MIN = 0.9999
 EMBED_DIM = 32  # the tiny checkpoint's embedding size
@@ -27,8 +27,12 @@ LONG_TEXT = " ".join(["ceramic floor tile"] * 60)  # far more than 64 tokens
 
 
 def client_for(svc, api_key: str = "unused", **kw) -> openai.OpenAI:
+    """The SDK as users run it for a real server; over the ASGI transport for one in this process."""
+    if isinstance(svc, InProcessService):
+        kw.setdefault("http_client", svc.client)
     # max_retries=0: a refusal must show as the first answer, not be hidden (or slowed) by the SDK's retries.
-    return openai.OpenAI(base_url=svc.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
+    return openai.OpenAI(base_url=str(svc.client.base_url).rstrip("/") + "/v1", api_key=api_key, max_retries=0,
+                         timeout=60, **kw)
 
 
 def data_uri(png: bytes) -> str:
@@ -249,8 +253,8 @@ TOKEN = "openai-test-token"
 
 
 @pytest.fixture(scope="module")
-def guarded(start_service):
-    return start_service(SIGLIP_API_TOKEN=TOKEN, SIGLIP_MAX_BODY_BYTES="20000", SIGLIP_MAX_CONCURRENCY="1",
+def guarded(in_process):
+    return in_process(SIGLIP_API_TOKEN=TOKEN, SIGLIP_MAX_BODY_BYTES="20000", SIGLIP_MAX_CONCURRENCY="1",
                          SIGLIP_ALLOW_PRIVATE_URLS="1")
 
 
