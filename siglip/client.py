@@ -2,18 +2,26 @@
 
 Both are thin shells over BentoML's ``bentoml.SyncHTTPClient`` / ``bentoml.AsyncHTTPClient``. Everything but the
 I/O is shared as pure functions: the ``*_call`` functions turn arguments into a ``Call`` (API name, ``inputs``,
-``parameters`` and the parser for the answer), ``error_from_bentoml`` / ``unreachable`` turn failures into
-``SiglipError``. Each client only sends a ``Call`` and maps what went wrong.
+``parameters`` or a multipart ``Form``, and the parser for the answer), ``error_from_bentoml`` / ``json_answer``
+/ ``unreachable`` turn failures into ``SiglipError``. Each client only sends a ``Call`` and maps what went wrong.
 
-Images (``ImageLike``) are sent as strings; how each kind is turned into one (``image_to_wire``):
+How a call travels: when every image of it is local data (a file, bytes, a PIL image), as a multipart form
+(``siglip.server.uploads``) with the images as files: their bytes as they are, a quarter smaller than base64, and
+no encoding on either side. Files go under ``images`` for a list of images (even of one) and ``image`` for one;
+texts under ``texts``; the parameters as one ``parameters`` JSON field. Each file is named by its path's base name,
+else ``image-<i>`` (with the extension its first bytes say), which the server's error messages quote:
+``inputs[1] (pic.jpg): data is not a supported image ...``. When any image is a URL or a string (or a list is
+empty), the whole call is the JSON body instead, local images base64-encoded within it (``image_to_wire``).
+Forms go through the client's own httpx client (BentoML's sends JSON only), with the same token, timeout,
+retries and errors. Each kind of image:
 
 - ``http://`` / ``https://`` URL: sent as is, the server fetches it (its URL policy applies).
 - ``data:`` URI: sent as is.
-- a ``str`` naming an existing file, or any ``os.PathLike``: the file is read and sent as base64 (its bytes
-  untouched, so a JPEG stays a JPEG and its EXIF orientation is applied by the server).
+- a ``str`` naming an existing file, or any ``os.PathLike``: the file's bytes, untouched (a JPEG stays a JPEG
+  and its EXIF orientation is applied by the server).
 - any other ``str``: taken for base64 when it only has base64 characters (sent as is), else a
   ``FileNotFoundError`` naming it (a mistyped path, rather than a puzzling "not base64" from the server).
-- ``bytes`` / ``bytearray`` / ``memoryview``: encoded file contents, sent as base64.
+- ``bytes`` / ``bytearray`` / ``memoryview``: encoded file contents, sent as they are.
 - ``PIL.Image.Image``: saved as PNG, lossless, so the server embeds exactly the pixels you hold (modes PNG
   cannot store, such as CMYK, are converted to RGB first, as the server would). EXIF data is kept, so the
   server applies the orientation as it does for the file. Not JPEG, even for images opened from a JPEG:
@@ -28,8 +36,9 @@ times (5 by default, 25-50 s in all) with capped exponential backoff and jitter 
 
 A single image (or text) and a list of them are told apart by ``list``/``tuple``: anything else is one item.
 Per-request limits (``SIGLIP_MAX_IMAGES_PER_REQUEST``, 64 by default; ``SIGLIP_MAX_TEXTS_PER_REQUEST``,
-1024; ``SIGLIP_MAX_BODY_BYTES``, 64 MiB) are the caller's to respect: split bigger batches yourself, or the
-server answers 400/413, raised as ``SiglipError``.
+1024; ``SIGLIP_MAX_BODY_BYTES``, 64 MiB, counting the whole form or JSON body: the files' own sizes plus a few
+hundred bytes each, or 4/3 of them as base64 in JSON) are the caller's to respect: split bigger batches yourself,
+or the server answers 400/413, raised as ``SiglipError``.
 """
 
 from __future__ import annotations
@@ -134,33 +143,58 @@ _SIMILARITY = TypeAdapter(_Similarity)
 # request building (pure)
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Form:
+    """A call's body as a multipart form, the way ``siglip.server.uploads`` reads it: image files (``files``,
+    httpx's ``(field, (filename, bytes))`` pairs) and text fields (``fields``: texts and the parameters as JSON)."""
+
+    files: tuple[tuple[str, tuple[str, bytes]], ...]
+    fields: dict[str, str | list[str]]
+
+
+@dataclass(frozen=True)
 class Call(Generic[T]):
-    """One API call: what to send and how to read the answer."""
+    """One API call: what to send and how to read the answer. With ``form``, the body is that form (local images
+    as files) and ``inputs`` is None; else the JSON body ``{"inputs": inputs, "parameters": parameters}``."""
 
     api: str
     inputs: Any
     parameters: dict[str, Any]
     parse: Callable[[Any], T]
+    form: Form | None = None
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """Local image data: a file's bytes (``name``: its base name) or bytes / a PIL image the caller holds."""
+
+    data: bytes
+    name: str | None = None
 
 
 def image_to_wire(image: ImageLike, where: str = "image") -> str:
-    """The string the API takes for one image (see the module docstring for the rules)."""
+    """The string the API's JSON takes for one image (see the module docstring for the rules)."""
+    item = _image_item(image, where)
+    return item if isinstance(item, str) else _b64(item.data)
+
+
+def _image_item(image: ImageLike, where: str) -> ImageFile | str:
+    """Local data as an ``ImageFile``; a URL, data URI or base64 string as the string the API takes."""
     if isinstance(image, str):
         head = image[:8].lower()
         if head.startswith(("http://", "https://", "data:")):
             return image
         if len(image) <= _PATH_MAX and os.path.isfile(image):
-            return _b64(_read(image, where))
+            return _file(image, where)
         if _BASE64.fullmatch(image[:_PATH_MAX]):  # the head is enough to tell; the server checks the rest
             return image
         raise FileNotFoundError(errno.ENOENT, f"{where}: no such file, and not an http(s) URL, data URI or "
                                               "base64 string", image)
     if isinstance(image, os.PathLike):
-        return _b64(_read(image, where))
+        return _file(image, where)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _b64(image)
+        return ImageFile(bytes(image))
     if isinstance(image, Image.Image):
-        return _b64(encode_pil(image))
+        return ImageFile(encode_pil(image))
     raise TypeError(f"{where}: unsupported image type {type(image).__name__}; expected a file path, bytes, a "
                     "PIL image, or an http(s) URL, data URI or base64 string")
 
@@ -175,15 +209,15 @@ def encode_pil(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _read(path: str | os.PathLike[str], where: str) -> bytes:
+def _file(path: str | os.PathLike[str], where: str) -> ImageFile:
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return ImageFile(f.read(), os.path.basename(os.fspath(path)))
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, f"{where}: no such file", os.fspath(path)) from None
 
 
-def _b64(data: bytes | bytearray | memoryview) -> str:
+def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
@@ -191,11 +225,15 @@ def _is_batch(value: Any) -> bool:
     return isinstance(value, (list, tuple))
 
 
-def _images(images: Images) -> tuple[Any, int | None]:
-    """Wire form of ``images``: one string (count None) or a list of strings (count = its length)."""
+def _images(images: Images) -> tuple[list[ImageFile | str], bool]:
+    """Each image as local data or an API string (``_image_item``), and whether ``images`` is a batch."""
     if _is_batch(images):
-        return [image_to_wire(im, f"images[{i}]") for i, im in enumerate(images)], len(images)
-    return image_to_wire(images, "images"), None  # type: ignore[arg-type]
+        return [_image_item(im, f"images[{i}]") for i, im in enumerate(images)], True
+    return [_image_item(images, "images")], False  # type: ignore[arg-type]
+
+
+def _wire(items: list[ImageFile | str]) -> list[str]:
+    return [item if isinstance(item, str) else _b64(item.data) for item in items]
 
 
 def _texts(texts: Texts) -> list[str]:
@@ -203,10 +241,38 @@ def _texts(texts: Texts) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
+def _form(items: list[ImageFile | str], batch: bool, parameters: dict[str, Any],
+          texts: list[str] | None = None) -> Form | None:
+    """The call as a multipart form when every image is local data: its bytes travel as they are, a quarter
+    smaller than base64. None (JSON) when any image is a URL or string, or a list is empty: a form has no empty
+    list, so the server's answer to one is JSON's."""
+    local = [item for item in items if isinstance(item, ImageFile)]
+    if not items or len(local) < len(items) or texts == []:
+        return None
+    # "images" is a batch even of one (the server answers in the batch shape), "image" one input.
+    field = "images" if batch else "image"
+    files = tuple((field, (item.name or _file_name(item.data, i), item.data)) for i, item in enumerate(local))
+    fields: dict[str, str | list[str]] = {"parameters": json.dumps(parameters)} if parameters else {}
+    if texts is not None:
+        fields["texts"] = texts
+    return Form(files, fields)
+
+
+# Leading bytes of the formats the service takes: a name for bytes without one (the server goes by the content;
+# the name is what its error messages call the file).
+_SIGNATURES = ((0, b"\xff\xd8\xff", "jpg"), (0, b"\x89PNG", "png"), (0, b"GIF8", "gif"), (8, b"WEBP", "webp"),
+               (0, b"BM", "bmp"))
+
+
+def _file_name(data: bytes, index: int) -> str:
+    ext = next((f".{ext}" for at, magic, ext in _SIGNATURES if data[at:at + len(magic)] == magic), "")
+    return f"image-{index}{ext}"
+
+
 def zero_shot_call(images: Images, labels: Texts | None, *, hypothesis_template: str | None = None,
                    function_to_apply: str | None = None, top_k: int | None = None,
                    max_num_patches: int | None = None) -> Call[list[LabelScore] | list[list[LabelScore]]]:
-    inputs, count = _images(images)
+    items, batch = _images(images)
     options = {"candidate_labels": None if labels is None else _texts(labels),
                "hypothesis_template": hypothesis_template, "function_to_apply": function_to_apply, "top_k": top_k,
                "max_num_patches": max_num_patches}
@@ -214,13 +280,15 @@ def zero_shot_call(images: Images, labels: Texts | None, *, hypothesis_template:
     parameters = {k: v for k, v in options.items() if v is not None}
 
     def parse(raw: Any) -> list[LabelScore] | list[list[LabelScore]]:
-        if count is None:
+        if not batch:
             return _validate(_RANKING, raw, "zero_shot")
         rankings = _validate(_RANKINGS, raw, "zero_shot")
-        _expect(len(rankings) == count, "zero_shot", f"{len(rankings)} rankings for {count} images")
+        _expect(len(rankings) == len(items), "zero_shot", f"{len(rankings)} rankings for {len(items)} images")
         return rankings
 
-    return Call("zero_shot", inputs, parameters, parse)
+    form = _form(items, batch, parameters)
+    inputs = None if form else (_wire(items) if batch else _wire(items)[0])
+    return Call("zero_shot", inputs, parameters, parse, form)
 
 
 def _patch_budget(max_num_patches: int | None) -> dict[str, Any]:
@@ -228,11 +296,12 @@ def _patch_budget(max_num_patches: int | None) -> dict[str, Any]:
 
 
 def image_embedding_call(images: Images, *, max_num_patches: int | None = None) -> Call[np.ndarray]:
-    inputs, count = _images(images)
-    # Always a list on the wire: one answer shape, and the per-mode endpoint needs no auto-detection.
-    wire = inputs if count is not None else [inputs]
-    return Call("image_embedding", wire, _patch_budget(max_num_patches),
-                lambda raw: _embeddings(raw, len(wire), "image_embedding"))
+    items, _ = _images(images)
+    parameters = _patch_budget(max_num_patches)
+    # Always a batch on the wire: one answer shape, and the per-mode endpoint needs no auto-detection.
+    form = _form(items, True, parameters)
+    return Call("image_embedding", None if form else _wire(items), parameters,
+                lambda raw: _embeddings(raw, len(items), "image_embedding"), form)
 
 
 def text_embedding_call(texts: Texts) -> Call[np.ndarray]:
@@ -241,19 +310,21 @@ def text_embedding_call(texts: Texts) -> Call[np.ndarray]:
 
 
 def similarity_call(images: Images, texts: Texts, *, max_num_patches: int | None = None) -> Call[np.ndarray]:
-    inputs, count = _images(images)
-    wire_images = inputs if count is not None else [inputs]
+    items, _ = _images(images)
     wire_texts = _texts(texts)
+    parameters = _patch_budget(max_num_patches)
 
     def parse(raw: Any) -> np.ndarray:
         result = _validate(_SIMILARITY, raw, "similarity")
         scores = np.asarray(result.similarity_scores, dtype=np.float32)
-        want = (len(wire_images), len(wire_texts))
+        want = (len(items), len(wire_texts))
         _expect(scores.shape == want, "similarity", f"a {scores.shape} matrix for {want[0]} images x "
                                                     f"{want[1]} texts")
         return scores
 
-    return Call("similarity", {"images": wire_images, "texts": wire_texts}, _patch_budget(max_num_patches), parse)
+    form = _form(items, True, parameters, wire_texts)
+    inputs = None if form else {"images": _wire(items), "texts": wire_texts}
+    return Call("similarity", inputs, parameters, parse, form)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,10 +421,14 @@ def _probe_timeout(timeout: float, deadline: float) -> float:
     return max(0.1, min(timeout, deadline - time.monotonic()))
 
 
-def _info_answer(resp: httpx.Response) -> dict[str, Any]:
-    if resp.status_code != 200:
+def json_answer(resp: httpx.Response, api: str) -> Any:
+    """The JSON of an answer from ``/{api}``; an error answer as ``SiglipError`` (its status and error text)."""
+    if resp.status_code >= 400:
         raise SiglipError(resp.status_code, error_text(resp.text))
-    return resp.json()
+    try:
+        return resp.json()
+    except ValueError:
+        raise _unexpected(api, f"not JSON: {resp.text[:200]!r}") from None
 
 
 INFO_DOC = """What the server serves (``GET /info``), as a dict: ``model`` and ``revision``, ``family`` ("SigLIP" /
@@ -436,7 +511,7 @@ class SiglipClient:
 
     def _get_info(self) -> dict[str, Any]:
         try:
-            return _info_answer(self._probe.get("/info"))
+            return json_answer(self._probe.get("/info"), "info")
         except httpx.HTTPError as exc:
             raise unreachable(self.url, exc) from exc
 
@@ -476,9 +551,14 @@ class SiglipClient:
         raise AssertionError("unreachable")
 
     def _run_once(self, call: Call[T]) -> T:
-        client = self._client()
+        client = self._client()  # forms too: the schema read is what tells a SigLIP service from another server
         try:
-            raw = client.call(call.api, inputs=call.inputs, parameters=call.parameters)
+            if call.form is not None:
+                # BentoML's client sends JSON only; the probe client has the same URL, token and timeout.
+                resp = self._probe.post(f"/{call.api}", files=call.form.files, data=call.form.fields)
+                raw = json_answer(resp, call.api)
+            else:
+                raw = client.call(call.api, inputs=call.inputs, parameters=call.parameters)
         except BentoMLException as exc:
             raise error_from_bentoml(exc) from exc
         except httpx.HTTPError as exc:
@@ -579,7 +659,7 @@ class AsyncSiglipClient:
 
     async def _get_info(self) -> dict[str, Any]:
         try:
-            return _info_answer(await self._probe.get("/info"))
+            return json_answer(await self._probe.get("/info"), "info")
         except httpx.HTTPError as exc:
             raise unreachable(self.url, exc) from exc
 
@@ -619,9 +699,13 @@ class AsyncSiglipClient:
         raise AssertionError("unreachable")
 
     async def _run_once(self, call: Call[T]) -> T:
-        client = await self._client()
+        client = await self._client()  # see SiglipClient._run_once
         try:
-            raw = await client.call(call.api, inputs=call.inputs, parameters=call.parameters)
+            if call.form is not None:
+                resp = await self._probe.post(f"/{call.api}", files=call.form.files, data=call.form.fields)
+                raw = json_answer(resp, call.api)
+            else:
+                raw = await client.call(call.api, inputs=call.inputs, parameters=call.parameters)
         except BentoMLException as exc:
             raise error_from_bentoml(exc) from exc
         except httpx.HTTPError as exc:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import inspect
 import io
+import json
 import pickle
 import socket
 import struct
@@ -20,17 +21,27 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import b64, encode, free_port, make_image
+from conftest import TOKENS, b64, encode, free_port, make_image
 from PIL import Image, ImageOps
 from pydantic import ValidationError
 
-from siglip.client import AsyncSiglipClient, LabelScore, SiglipClient, SiglipError, encode_pil, image_to_wire
+from siglip.client import (
+    AsyncSiglipClient,
+    LabelScore,
+    SiglipClient,
+    SiglipError,
+    encode_pil,
+    image_embedding_call,
+    image_to_wire,
+    similarity_call,
+    zero_shot_call,
+)
 
 EMBED_DIM = 32  # the tiny checkpoint
 COS_MIN = 0.9999
 LABELS = ["ceramic floor tile", "wood laminate plank", "heat pump outdoor unit", "company logo"]
 TEXTS = ["glossy white porcelain tile", "rustic oak wood flooring", "inverter heat pump 12kW"]
-TOKEN = "client-test-token"
+TOKEN = TOKENS[1]  # the second of the shared auth server's tokens
 KINDS = ["path-str", "pathlib", "bytes", "pil-png", "pil-jpeg", "pil-generated", "url", "base64", "data-uri"]
 
 
@@ -221,6 +232,58 @@ def test_pil_image_keeps_its_exif_orientation(client, tmp_path, reference):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# local images travel as multipart forms: the answers JSON gets, the server's errors naming the file
+# ---------------------------------------------------------------------------------------------------------------
+def _sent_forms(client) -> list[str]:
+    """Content types of what goes through the client's own httpx client (forms; BentoML's client sends JSON)."""
+    inner = getattr(client, "client", client)  # Blocking wraps the async client
+    seen: list[str] = []
+
+    def note(request: httpx.Request) -> None:
+        seen.append(request.headers["content-type"].split(";")[0])
+
+    async def note_async(request: httpx.Request) -> None:
+        note(request)
+
+    inner._probe.event_hooks["request"].append(note_async if isinstance(inner, AsyncSiglipClient) else note)
+    return seen
+
+
+def test_local_images_as_forms_answer_as_json_does(client, pics):
+    sent = _sent_forms(client)
+    pil = pics.kind("pil-png")[0]
+    local = [pics.jpeg_path, pics.jpeg, pil]
+    as_json = [b64(pics.jpeg), b64(pics.jpeg), b64(encode_pil(pil))]  # base64 strings keep the JSON path
+    emb = client.image_embedding(local)
+    assert emb.shape == (3, EMBED_DIM) and (_cos_rows(emb, client.image_embedding(as_json)) > COS_MIN).all()
+    one = client.zero_shot(local[0], LABELS)
+    _assert_ranking(one, [(x.label, x.score) for x in client.zero_shot(as_json[0], LABELS)])
+    batch_of_one = client.zero_shot([local[1]], LABELS)
+    assert len(batch_of_one) == 1 and all(isinstance(x, LabelScore) for x in batch_of_one[0])
+    _assert_ranking(batch_of_one[0], [(x.label, x.score) for x in client.zero_shot([as_json[1]], LABELS)[0]])
+    texts = [*TEXTS, "céramique émaillée", ""]  # texts as form fields: non-ASCII and empty ones arrive intact
+    sim = client.similarity([local[0], local[2]], texts)
+    assert sim.shape == (2, len(texts))
+    np.testing.assert_allclose(sim, client.similarity([as_json[0], as_json[2]], texts), atol=1e-5)
+    assert sent == ["multipart/form-data"] * 4
+
+
+def test_form_errors_keep_the_status_and_name_the_file(client, service, pics, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated: not really a JPEG")
+    raw = httpx.post(service.url + "/image_embedding", timeout=60,
+                     files=[("images", ("a.jpg", pics.jpeg)), ("images", ("image-1", b"not an image"))])
+    errors = []
+    for images in ([pics.jpeg, b"not an image"], [pics.png_path, broken]):
+        with pytest.raises(SiglipError) as info:
+            client.image_embedding(images)
+        errors.append(info.value)
+    assert [e.status for e in errors] == [raw.status_code, 400] == [400, 400]
+    assert errors[0].message == raw.json()["error"] and errors[0].message.startswith("inputs[1] (image-1): ")
+    assert errors[1].message.startswith("inputs[1] (broken.jpg): "), errors[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # how inputs are put on the wire (no server)
 # ---------------------------------------------------------------------------------------------------------------
 def test_wire_form_of_each_input_kind(pics, tmp_path):
@@ -251,6 +314,26 @@ def test_bad_inputs_fail_before_sending(tmp_path):
         c.image_embedding([42])
 
 
+def test_local_images_go_as_a_form_and_any_string_makes_it_json(pics):
+    one = zero_shot_call(str(pics.jpeg_path), LABELS, top_k=2)
+    assert one.inputs is None and one.form.files == (("image", ("pic.jpg", pics.jpeg)),)
+    assert json.loads(one.form.fields["parameters"]) == {"candidate_labels": LABELS, "top_k": 2}
+    batch = image_embedding_call([pics.png_path, bytearray(pics.jpeg), pics.generated])
+    assert [(field, name) for field, (name, _) in batch.form.files] == [
+        ("images", "pic.png"), ("images", "image-1.jpg"), ("images", "image-2.png")]
+    assert batch.form.files[1][1][1] == pics.jpeg and batch.form.files[2][1][1] == encode_pil(pics.generated)
+    assert zero_shot_call([pics.jpeg], LABELS).form.files[0][0] == "images"  # a list of one is a batch
+    sim = similarity_call(pics.jpeg, TEXTS)
+    assert sim.form.fields == {"texts": TEXTS} and sim.form.files[0][0] == "images"
+    for string in (pics.url, b64(pics.png), "data:image/png;base64," + b64(pics.png)):
+        call = image_embedding_call(string)
+        assert call.form is None and call.inputs == [string]
+    mixed = image_embedding_call([pics.jpeg, pics.url])  # one URL makes the whole call JSON, the bytes base64
+    assert mixed.form is None and mixed.inputs == [b64(pics.jpeg), pics.url]
+    # a form cannot carry an empty list: JSON, so the server's answer to it is the JSON one
+    assert similarity_call(pics.jpeg, []).form is None and image_embedding_call([]).form is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # errors
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,7 +349,7 @@ def test_server_errors_are_raised_verbatim(client, service, image_server, case):
     missing = image_server.url("/siglip-client/missing.png")
     call, route, body = {
         "missing-url": (lambda c: c.image_embedding(missing), "/image_embedding", {"inputs": [missing]}),
-        "not-an-image": (lambda c: c.image_embedding(b"not an image"), "/image_embedding",
+        "not-an-image": (lambda c: c.image_embedding(b64(b"not an image")), "/image_embedding",
                          {"inputs": [b64(b"not an image")]}),
         "empty-batch": (lambda c: c.text_embedding([]), "/text_embedding", {"inputs": []}),
         "bad-option": (lambda c: c.zero_shot(missing, LABELS, function_to_apply="tanh"), "/zero_shot",
@@ -288,8 +371,8 @@ def test_siglip_error_pickles():
 
 
 @pytest.fixture(scope="module")
-def auth_service(start_service):
-    return start_service(SIGLIP_API_TOKEN=f"other-token,{TOKEN}")
+def auth_service(authed):
+    return authed
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token"], ids=["missing", "wrong"])
@@ -303,11 +386,15 @@ def test_bad_token_is_401(connect, auth_service, token):
     assert info.value.status == raw.status_code == 401
     assert info.value.message == raw.json()["error"]
     assert "bearer token" in info.value.message
+    with pytest.raises(SiglipError) as info:
+        client.image_embedding(b"\x89PNG")  # a form: the client's own httpx client, the same token
+    assert (info.value.status, info.value.message) == (401, raw.json()["error"])
 
 
 def test_right_token_is_sent(connect, auth_service):
     client = connect(auth_service.url, token=TOKEN)
     assert client.text_embedding(TEXTS).shape == (3, EMBED_DIM)
+    assert client.image_embedding(encode(make_image(805, (32, 32)))).shape == (1, EMBED_DIM)  # as a form
 
 
 def test_token_from_bentocloud_env_is_not_sent(connect, auth_service, monkeypatch):

@@ -59,6 +59,25 @@ def test_multipart_forms_for_every_image_mode(service):
     assert np.allclose(sim.json()["similarity_scores"], sim_json.json()["similarity_scores"], atol=1e-6)
 
 
+def test_plural_fields_are_a_batch_even_of_one(service):
+    labels = {"candidate_labels": '["tile","wood"]'}
+    one = post_files(service, "/zero_shot", [("image", ("a.jpg", JPEG, "image/jpeg"))], data=labels)
+    batch = post_files(service, "/zero_shot", [("images", ("a.jpg", JPEG, "image/jpeg"))], data=labels)
+    assert one.status_code == batch.status_code == 200, (one.text, batch.text)
+    assert "label" in one.json()[0] and len(batch.json()) == 1  # one ranking; a list of one ranking
+    assert [r["label"] for r in batch.json()[0]] == [r["label"] for r in one.json()]
+    texts = post_files(service, "/", [("texts", (None, "a tile"))])  # a files= part makes httpx send multipart
+    assert texts.status_code == 200 and len(texts.json()) == 1, texts.text
+    broken = post_files(service, "/zero_shot", [("images", ("broken.jpg", b"\xff\xd8 no", "image/jpeg"))], data=labels)
+    assert broken.status_code == 400 and broken.json()["error"].startswith("inputs[0] (broken.jpg): "), broken.text
+    for files, data, names in (([("image", ("a.jpg", JPEG, "image/jpeg")), ("images", ("b.png", PNG, "image/png"))],
+                                None, "'image' and 'images'"),
+                               ([("image", ("a.jpg", JPEG, "image/jpeg"))], {"text": "a", "texts": "b"},
+                                "'text' and 'texts'")):
+        mixed = post_files(service, "/similarity", files, data=data)
+        assert mixed.status_code == 400 and f"form fields {names} both given" in mixed.json()["error"], mixed.text
+
+
 def test_upload_mistakes_are_400s_that_name_the_item(service):
     broken = post_files(service, "/image_embedding", [("image", ("broken.jpg", b"\xff\xd8 not a jpeg", "image/jpeg"))])
     assert broken.status_code == 400

@@ -9,6 +9,11 @@ Form fields: ``image`` / ``images`` (files, repeatable), ``text`` / ``texts`` (r
 object), and any parameter by name (``candidate_labels``, ``top_k``, ``function_to_apply``, ...), a JSON value or
 plain text; ``candidate_labels`` may also be repeated. The query string may carry parameters the same
 way (a raw body's only place for them).
+
+The plural fields are a batch: files under ``images`` become a list of inputs even when there is one, so the
+answer has the batch shape (``/zero_shot`` answers a list of rankings for a list of one image), as a JSON list of
+one would. Under ``image`` one file is one input and several are a list; ``texts`` and ``text`` likewise. A form
+uses one of the two names for its files (and one for its texts), not both: a 400 naming the two.
 """
 
 from __future__ import annotations
@@ -71,14 +76,27 @@ def _parameters(fields: list[tuple[str, Any]], where: str) -> dict[str, Any]:
     return parameters
 
 
-def _inputs(images: list[ImageBytes], texts: list[str]) -> Any:
-    one = (lambda items: items[0] if len(items) == 1 else items)
+def _batch(found: Mapping[str, list[Any]], single: str, plural: str) -> tuple[list[Any], bool]:
+    """The items a form sent under ``single`` or ``plural``, and whether they are a batch (a list of inputs):
+    always under the plural, under the singular when repeated."""
+    if single in found and plural in found:
+        raise BadRequest(f"form fields {single!r} and {plural!r} both given; use one name: {plural!r} is a batch "
+                         f"(a list, even of one), {single!r} one input (a list when repeated)")
+    if plural in found:
+        return found[plural], True
+    items = found.get(single, [])
+    return items, len(items) > 1
+
+
+def _inputs(found: Mapping[str, list[Any]]) -> Any:
+    """The JSON body's ``inputs`` for the images and texts of a form, by the field names they came under."""
+    (images, images_batch), (texts, texts_batch) = _batch(found, *IMAGE_FIELDS), _batch(found, *TEXT_FIELDS)
     if images and texts:
         return {"images": images, "texts": texts}
     if images:
-        return one(images)
+        return images if images_batch else images[0]
     if texts:
-        return one(texts)
+        return texts if texts_batch else texts[0]
     raise BadRequest(f"no image or text in the form: send files as {IMAGE_FIELDS[0]}=@photo.jpg and texts as "
                      f"{TEXT_FIELDS[0]}=...")
 
@@ -99,22 +117,21 @@ async def upload_request(request: Request, limits: Limits) -> tuple[Any, dict[st
                                   max_part_size=MAX_FIELD_BYTES)
     except (MultiPartException, HTTPException) as exc:
         raise BadRequest(_form_error(str(getattr(exc, "detail", None) or exc), limits)) from None
-    images: list[ImageBytes] = []
-    texts: list[str] = []
+    found: dict[str, list[Any]] = {}  # image and text fields by name: which name was used decides the shape
     rest: list[tuple[str, Any]] = []
     for name, value in form.multi_items():
         if name in IMAGE_FIELDS:
             if not isinstance(value, UploadFile):
                 raise BadRequest(f"form field {name!r} must be a file (curl -F {name}=@photo.jpg), not text")
-            images.append(ImageBytes(await value.read(), value.filename))
+            found.setdefault(name, []).append(ImageBytes(await value.read(), value.filename))
         elif name in TEXT_FIELDS:
             if not isinstance(value, str):
                 raise BadRequest(f"form field {name!r} must be text, not a file")
-            texts.append(value)
+            found.setdefault(name, []).append(value)
         else:
             rest.append((name, value))
     await form.close()
-    return _inputs(images, texts), _parameters(query + rest, "form field")
+    return _inputs(found), _parameters(query + rest, "form field")
 
 
 def _form_error(message: str, limits: Limits) -> str:
