@@ -232,7 +232,7 @@ def free_port() -> int:
 class ServiceProcess:
     """``bentoml serve`` from the repo root on a free loopback port, with the given SIGLIP_* settings."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, wrap: tuple[str, ...] = ()):
+    def __init__(self, env: dict[str, str], log_path: Path, wrap: tuple[str, ...] = (), host: str = "127.0.0.1"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -248,7 +248,7 @@ class ServiceProcess:
         self._log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process lifetime, closed in stop()
         # ``wrap``: a command that execs the rest (e.g. unshare + mount), so proc.pid is still bentoml's main process.
         self.proc = subprocess.Popen(
-            [*wrap, sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [*wrap, sys.executable, "-m", "bentoml", "serve", "--host", host, "--port", str(self.port)],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 180.0) -> ServiceProcess:
@@ -304,9 +304,11 @@ def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServicePro
     end of the session."""
     started: list[ServiceProcess] = []
 
-    def start(ready: bool = True, wrap: tuple[str, ...] = (), **env: str) -> ServiceProcess:
+    def start(ready: bool = True, wrap: tuple[str, ...] = (), host: str = "127.0.0.1", **env: str) -> ServiceProcess:
+        """``host`` other than loopback only with a ``wrap`` that puts the server in a network namespace of its own
+        (``isolated_network``): nothing here listens beyond loopback."""
         svc = ServiceProcess({"SIGLIP_MODEL": str(tiny_checkpoint), **env},
-                             tmp_path_factory.mktemp("serve") / "serve.log", wrap)
+                             tmp_path_factory.mktemp("serve") / "serve.log", wrap, host)
         started.append(svc)
         return svc.wait_ready() if ready else svc
 
@@ -315,6 +317,11 @@ def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServicePro
         svc.terminate()
     for svc in started:
         svc.stop()
+
+
+# A command prefix: a new network namespace with only its loopback up, then exec the rest (proc.pid stays the
+# command's). A server in it may bind 0.0.0.0 and no other machine can reach it.
+ISOLATED_NETWORK = ("unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"')
 
 
 @pytest.fixture(scope="session")

@@ -258,8 +258,8 @@ def test_abandoned_requests_and_a_killed_gateway_worker_leave_no_in_flight_count
 # ---------------------------------------------------------------------------------------------------------------
 # the main process killed
 # ---------------------------------------------------------------------------------------------------------------
-def test_workers_follow_a_killed_main_process_and_the_port_is_free(start_service):
-    svc = start_service()
+def test_workers_follow_a_killed_main_process_and_the_port_is_free(faulty):
+    svc = faulty  # its last test: the other fault tests have run
     children = psutil.Process(svc.proc.pid).children(recursive=True)
     assert len(children) >= 2
     svc.proc.kill()

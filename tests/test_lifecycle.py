@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import b64, encode, make_image, wait_for
+from conftest import ISOLATED_NETWORK, b64, encode, make_image, wait_for
 
 READY_WATCH_S = 5.0  # how long /readyz must stay 503 once the gateway is up
 FAILURE_DEADLINE_S = 120.0  # the load failure must be reported within this
@@ -170,14 +170,19 @@ def test_idle_connections_outlive_clients_pool_expiry(service, start_service):
     assert _get_twice(conns, idle_s=6.5) == [True, False]
 
 
-def test_the_log_warns_when_listening_beyond_loopback_with_auth_off(service):
-    """The gateway reads the address of the socket BentoML hands it; served on 127.0.0.1 it says nothing, bound to
-    all interfaces (as the container does) it would warn."""
+def test_the_log_warns_when_listening_beyond_loopback_with_auth_off(service, start_service):
+    """The gateway reads the address of the socket BentoML hands it: served on 127.0.0.1 it says nothing; bound to
+    all interfaces (as the container is), here inside a network namespace of its own, it warns at start-up."""
     import socket
 
     from siglip.server.connections import is_loopback, listening_address
 
     assert "with auth off" not in service.log_path.read_text(errors="replace")
+    everywhere = start_service(ready=False, wrap=ISOLATED_NETWORK, host="0.0.0.0")
+    line = wait_for(lambda: next((x for x in everywhere.log().splitlines() if "with auth off" in x), None), 120,
+                    "the beyond-loopback warning", everywhere.log)
+    assert "Listening on 0.0.0.0 with auth off" in line and "SIGLIP_API_TOKEN" in line
+    everywhere.stop()
     with socket.socket() as everywhere:
         everywhere.bind(("0.0.0.0", 0))  # bound only, nothing is sent
         address = listening_address(["worker", "--fd", str(everywhere.fileno())])

@@ -35,17 +35,18 @@ def secure(authed):
 
 
 @pytest.fixture(scope="module")
-def fuzz(start_service):
-    """For fuzzing: private URLs refused and only 127.0.0.1 allowed, so a generated URL is refused before any
-    DNS lookup or connection."""
-    return start_service(SIGLIP_URL_ALLOWLIST="127.0.0.1")
+def fuzz(in_process):
+    """For fuzzing, in this process: private URLs refused and only 127.0.0.1 allowed, so a generated URL is refused
+    before any DNS lookup or connection."""
+    return in_process(SIGLIP_URL_ALLOWLIST="127.0.0.1")
 
 
 @pytest.fixture(scope="module")
 def limited(start_service):
-    """Small limits so each can be crossed cheaply; loopback URLs allowed so slow URLs can be served."""
+    """Small limits so each can be crossed cheaply; loopback URLs allowed so slow URLs can be served, and only
+    127.0.0.1, so a URL schemathesis makes up is refused before any DNS lookup or connection."""
     return start_service(
-        SIGLIP_ALLOW_PRIVATE_URLS="1", SIGLIP_MAX_IMAGE_PIXELS="1000000", SIGLIP_MAX_CONCURRENCY="2",
+        SIGLIP_ALLOW_PRIVATE_URLS="1", SIGLIP_URL_ALLOWLIST="127.0.0.1", SIGLIP_MAX_IMAGE_PIXELS="1000000", SIGLIP_MAX_CONCURRENCY="2",
         SIGLIP_REQUEST_TIMEOUT_S="3", SIGLIP_FETCH_TOTAL_TIMEOUT_S="1.5", SIGLIP_MAX_PARALLEL_FETCHES="1",
         SIGLIP_MAX_IMAGES_PER_REQUEST="4", SIGLIP_MAX_TEXTS_PER_REQUEST="5", SIGLIP_MAX_TEXT_CHARS="50",
         SIGLIP_MAX_BODY_BYTES="2000000", SIGLIP_MAX_IMAGE_BYTES="1000000")
@@ -317,13 +318,14 @@ _params = st.none() | st.fixed_dictionaries({}, optional={
                                                                   HealthCheck.too_slow])
 @given(inputs=_json, parameters=_params, path=st.sampled_from(["/", "/zero_shot", "/similarity", "/text_embedding"]))
 def test_no_json_value_makes_the_service_fail(fuzz, inputs, parameters, path):
-    r = post(fuzz, path, {"inputs": inputs, "parameters": parameters})
+    r = fuzz.post(path, {"inputs": inputs, "parameters": parameters})
     assert r.status_code < 500, r.text
     assert r.status_code == 200 or "error" in r.json()
 
 
-def test_schemathesis_finds_no_server_errors(fuzz):
-    cmd = [str(Path(sys.executable).with_name("st")), "run", fuzz.url + "/docs.json", "--checks",
+def test_schemathesis_finds_no_server_errors(limited):
+    """Over a socket, as schemathesis runs: every route of /docs.json, bodies made up from its schemas."""
+    cmd = [str(Path(sys.executable).with_name("st")), "run", limited.url + "/docs.json", "--checks",
            "not_a_server_error", "--max-examples", "40", "--seed", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

@@ -14,7 +14,8 @@ PNG = encode(make_image(62, (70, 70)))
 
 
 def post_files(service, path: str, files: list[tuple[str, tuple]] | None = None, data=None, **kw) -> httpx.Response:
-    return httpx.post(service.url + path, files=files, data=data, timeout=60, **kw)
+    """A form to a real server or one in this process (``service.client``)."""
+    return service.client.post(path, files=files, data=data, **kw)
 
 
 def test_a_raw_body_embeds_as_its_base64_does(service):
@@ -107,9 +108,9 @@ def test_upload_mistakes_are_400s_that_name_the_item(service):
     assert missing_labels.json()["error"] == "candidate_labels is required for zero-shot classification"
 
 
-def test_uploads_keep_the_limits_and_count_in_the_metrics(service, start_service):
-    small = start_service(SIGLIP_MAX_IMAGE_BYTES=str(len(JPEG) - 1), SIGLIP_MAX_IMAGES_PER_REQUEST="2",
-                          SIGLIP_MAX_BODY_BYTES=str(8 * len(JPEG)), SIGLIP_API_TOKEN="upload-secret")
+def test_uploads_keep_the_limits_and_count_in_the_metrics(service, in_process):
+    small = in_process(SIGLIP_MAX_IMAGE_BYTES=str(len(JPEG) - 1), SIGLIP_MAX_IMAGES_PER_REQUEST="2",
+                       SIGLIP_MAX_BODY_BYTES=str(8 * len(JPEG)), SIGLIP_API_TOKEN="upload-secret")
     auth = {"Authorization": "Bearer upload-secret"}
     one = [("image", ("a.jpg", JPEG, "image/jpeg"))]
     assert post_files(small, "/image_embedding", one).status_code == 401  # no token, no upload
