@@ -34,15 +34,10 @@ from siglip.api.modelwatch import ModelWatch
 from siglip.api.openai_api import OPENAI_PREFIX, OpenAIEmbeddings
 from siglip.bento import image as bento_image
 from siglip.server import patches, playground
-from siglip.server.connections import (
-    ConnectionLimits,
-    install_connection_limits,
-    is_loopback,
-    listening_address,
-)
+from siglip.server.connections import ConnectionLimits, is_loopback, listening_address
 from siglip.server.docs_page import DocsPage
 from siglip.server.drain import exit_with_server, hold_sigterm_until_callers_exit
-from siglip.server.http import INFO_PATH, RequestGuard, answer
+from siglip.server.http import INFO_PATH, GuardLimits, RequestGuard, answer
 from siglip.server.model_gate import ModelGate, model_loading_detail
 from siglip.server.readiness import ReadinessCause
 from siglip.server.uploads import upload_app
@@ -63,8 +58,7 @@ if bentoml.server_context.worker_index is not None and not exit_with_server(  # 
 settings = get_settings()
 # Both services' servers: keep-alive, header limits and deadline, connection cap (the gateway's clients and its
 # own calls to the model).
-install_connection_limits(ConnectionLimits.from_settings(settings))
-API_ROUTES = ("/", "/zero_shot", "/image_embedding", "/text_embedding", "/similarity", "/v1/embeddings")
+patches.install_connection_limits(ConnectionLimits.from_settings(settings))
 
 # SIGLIP_IMAGE=gpu (default) | cpu picks the locked requirements at `bentoml build` time (siglip/bento.py).
 image = bento_image(settings)
@@ -342,18 +336,19 @@ class SiglipGateway:
         return await self._serve("similarity", inputs, parameters)
 
 
+# The API's routes, read from what serves them: the gateway's APIs (route -> the mode it serves, None for the
+# auto-detecting "/") and the OpenAI app's POST route.
+MODE_ROUTES = {api.route: None if api.route == "/" else name for name, api in SiglipGateway.apis.items()}
+API_ROUTES = frozenset({*MODE_ROUTES, *(OPENAI_PREFIX.rstrip("/") + route.path for route in openai_app.routes
+                                       if "POST" in route.methods)})
+
 # Outermost first: the observer sees every answer (the guard's refusals too), the docs page sits behind auth.
-SiglipGateway.add_asgi_middleware(observe.Observer, routes=frozenset(API_ROUTES))
+SiglipGateway.add_asgi_middleware(observe.Observer, routes=API_ROUTES)
 SiglipGateway.add_asgi_middleware(
-    RequestGuard, api_paths=frozenset(API_ROUTES), tokens=settings.api_token,
-    max_body_bytes=settings.max_body_bytes, max_concurrency=settings.max_concurrency,
-    max_inflight_body_bytes=settings.max_inflight_body_bytes, body_timeout_s=settings.body_timeout_s,
-    min_upload_rate=settings.min_upload_bytes_per_s, max_uploads=settings.max_uploads,
-    request_timeout_s=settings.request_timeout_s,
-    uploads=upload_app({route: route.strip("/") or None for route in API_ROUTES if not route.startswith(OPENAI_PREFIX)},
-                       run=lambda *request: bentoml.get_current_service().engine.run(*request),
+    RequestGuard, api_paths=API_ROUTES, limits=GuardLimits.from_settings(settings),
+    uploads=upload_app(MODE_ROUTES, run=lambda *request: bentoml.get_current_service().engine.run(*request),
                        limits=lambda: bentoml.get_current_service().engine.limits),
 )
 SiglipGateway.add_asgi_middleware(DocsPage, openai_prefix=OPENAI_PREFIX, info_path=INFO_PATH,
-                                  playground_path=playground.PAGE)
+                                  playground_path=playground.PAGE, upload_routes=frozenset(MODE_ROUTES))
 SiglipGateway.add_asgi_middleware(ReadinessCause, status=lambda: bentoml.get_current_service().engine.client.status)

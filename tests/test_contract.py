@@ -733,6 +733,11 @@ def test_docs_json_lists_all_five_routes(service):
     paths = r.json()["paths"]
     for route in ("/", "/zero_shot", "/image_embedding", "/text_embedding", "/similarity"):
         assert route in paths and "post" in paths[route], (route, sorted(paths))
+        # the photos-as-files bodies beside the JSON one
+        content = paths[route]["post"]["requestBody"]["content"]
+        assert {"application/json", "multipart/form-data", "image/*"} <= content.keys(), (route, sorted(content))
+        form = content["multipart/form-data"]["schema"]["properties"]
+        assert {"image", "images", "text", "texts", "parameters", "candidate_labels"} <= form.keys()
 
 
 def test_zz_service_healthy_after_all_errors(service, catalog, reference):

@@ -5,6 +5,8 @@ These tests never open a socket or resolve a name: every address below is only p
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from siglip.api.fetch import FetchPolicy, check_url, host_allowed, is_public_address
@@ -122,7 +124,7 @@ def test_policy_from_settings_lowercases_entries():
 # ---------------------------------------------------------------------------------------------------------------
 # check_url
 # ---------------------------------------------------------------------------------------------------------------
-OPEN = FetchPolicy()
+OPEN = FetchPolicy.from_settings(Settings())
 
 
 @pytest.mark.parametrize("url,host", [
@@ -157,7 +159,7 @@ def test_check_url_invalid():
 
 
 def test_check_url_allowlist():
-    policy = FetchPolicy(allowlist=("cdn.example.com", ".images.test"))
+    policy = replace(OPEN, allowlist=("cdn.example.com", ".images.test"))
     assert check_url("https://cdn.example.com/a.png", policy) == "cdn.example.com"
     assert check_url("https://x.images.test/a.png", policy) == "x.images.test"
     assert check_url("https://CDN.EXAMPLE.COM./a.png", policy) == "cdn.example.com."

@@ -254,12 +254,14 @@ def test_an_error_below_the_guard_is_answered_not_left_hanging():
     body (BentoML's outer layers would leave the request unanswered)."""
     import httpx
 
-    from siglip.server.http import RequestGuard
+    from siglip.server.http import GuardLimits, RequestGuard
+    from siglip.settings import Settings
 
     async def broken(scope, receive, send):
         raise RuntimeError("a bug")
 
-    guard = RequestGuard(broken, frozenset({"/image_embedding"}), uploads=broken)
+    guard = RequestGuard(broken, frozenset({"/image_embedding"}), GuardLimits.from_settings(Settings()),
+                         uploads=broken)
 
     async def call(**kw):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as client:

@@ -21,7 +21,7 @@ UNKNOWN_MODE = "Unknown mode: invalid_mode. Supported: zero_shot, image_embeddin
 
 def bad(inputs, parameters=None, endpoint_mode=None, limits: Limits | None = None) -> str:
     with pytest.raises(BadRequest) as info:
-        parse_request(inputs, parameters, endpoint_mode, limits or Limits())
+        parse_request(inputs, parameters, endpoint_mode, limits)
     assert info.value.status == 400
     return info.value.message
 
@@ -228,7 +228,7 @@ def test_template_that_cannot_take_the_label(template):
 
 
 def test_template_length_limit_and_repeated_field():
-    limits = Limits(max_text_chars=20)
+    limits = Limits(max_images=64, max_texts=1024, max_text_chars=20)
     assert "SIGLIP_MAX_TEXT_CHARS" in bad(URL, {"candidate_labels": ["a"], "hypothesis_template": "{}" + "x" * 19},
                                           limits=limits)
     parsed = parse_request(URL, {"candidate_labels": ["a"], "hypothesis_template": "{0}, {{literal}}"})

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from siglip.api.errors import FetchError
 from siglip.api.fetch import BlockedAddress, Fetcher, FetchPolicy, GuardedBackend
+from siglip.settings import Settings
 
 AUTH = {"Authorization": f"Bearer {TOKENS[0]}"}
 
@@ -90,7 +91,7 @@ def test_redirect_hop_to_a_private_address_is_refused(image_server, monkeypatch)
     url = image_server.url(f"/redirect?to={hop}")
 
     async def run():
-        fetcher = Fetcher(FetchPolicy(allow_private=False))
+        fetcher = Fetcher(FetchPolicy.from_settings(Settings(allow_private_urls=False)))
         try:
             return await fetcher.fetch(url, "inputs")
         finally:
@@ -106,7 +107,7 @@ def test_every_redirect_hop_is_checked_against_the_allowlist(image_server):
     url = image_server.url("/redirect?to=" + target.replace("127.0.0.1", "localhost"))
 
     async def run():
-        fetcher = Fetcher(FetchPolicy(allow_private=True, allowlist=("127.0.0.1",)))
+        fetcher = Fetcher(FetchPolicy.from_settings(Settings(allow_private_urls=True, url_allowlist=("127.0.0.1",))))
         try:
             return await fetcher.fetch(url, "inputs")
         finally:
@@ -120,7 +121,7 @@ def test_redirect_loops_stop_after_the_limit(image_server):
     url = image_server.add("/loop", Route(b"", status=302, headers={"Location": "/loop"}))
 
     async def run():
-        fetcher = Fetcher(FetchPolicy(allow_private=True, max_redirects=3))
+        fetcher = Fetcher(FetchPolicy.from_settings(Settings(allow_private_urls=True, fetch_max_redirects=3)))
         try:
             return await fetcher.fetch(url, "inputs[0]")
         finally:

@@ -112,8 +112,7 @@ class Engine:
         self.client = client
         self.fetcher = fetcher
         self.pool = decode_pool
-        self.limits = Limits(settings.max_images_per_request, settings.max_texts_per_request,
-                             settings.max_text_chars)
+        self.limits = Limits.from_settings(settings)
         self.cache = TextEmbeddingCache(settings.text_cache_size, on_lookup=on_cache)
         self._encode_images = self._coalesced(lambda xs: client.encode_images(np.stack(xs)), settings.max_batch_size)
         self._encode_jpegs = self._coalesced(client.encode_jpegs, settings.max_batch_size)

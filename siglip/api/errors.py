@@ -17,7 +17,10 @@ Lower layers raise these; only the HTTP layer (``siglip.server.http``) turns the
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ServiceError(Exception):
@@ -81,3 +84,12 @@ MODEL_LOADING = "model not loaded"
 class DeadlineExceeded(ServiceError):
     status = 504
     reason = "deadline"
+
+
+def validation_message(exc: ValidationError, where: str = "", skip: int = 0) -> tuple[str, str | None]:
+    """The first error of a pydantic validation in the API's words, ``"<where>.<field path>: <what is wrong>"``
+    (the path's first ``skip`` parts left out: a tagged union's tag), and the top-level field it is about."""
+    first = exc.errors()[0]
+    path = [str(part) for part in first["loc"][skip:]]
+    location = ".".join([where, *path] if where else path)
+    return (f"{location}: {first['msg']}" if location else first["msg"]), (path[0] if path else None)

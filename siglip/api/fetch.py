@@ -33,13 +33,15 @@ _USER_AGENT = "siglip2-serve (+https://github.com/; image fetcher)"
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    allow_private: bool = False
-    allowlist: tuple[str, ...] = ()
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 10.0
-    total_timeout_s: float = 20.0
-    max_redirects: int = 3
-    max_bytes: int = 20 * 1024 * 1024
+    """Where and how image URLs are fetched; from ``Settings``, their one home."""
+
+    allow_private: bool
+    allowlist: tuple[str, ...]
+    connect_timeout_s: float
+    read_timeout_s: float
+    total_timeout_s: float
+    max_redirects: int
+    max_bytes: int
 
     @classmethod
     def from_settings(cls, s: Settings) -> FetchPolicy:

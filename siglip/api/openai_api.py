@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from siglip import observe
 from siglip.api.engine import Engine, gather_or_cancel
-from siglip.api.errors import BadRequest, ServiceError
+from siglip.api.errors import BadRequest, ServiceError, validation_message
 from siglip.api.requests import ImageInput, Limits, image_inputs, json_type, text_inputs
 
 OPENAI_PREFIX = "/v1/"
@@ -129,9 +129,8 @@ def parse_body(body: bytes) -> EmbeddingsRequest:
     try:
         return EmbeddingsRequest.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"{loc}: {first['msg']}", param=str(first["loc"][0]) if first["loc"] else None) from None
+        message, field = validation_message(exc)
+        raise InvalidRequest(message, param=field) from None
 
 
 def parse_input(value: Any, modality: str | None, limits: Limits) -> EmbeddingInputs:
@@ -189,9 +188,7 @@ def _classify(where: str, item: Any, modality: str | None) -> tuple[str | None, 
         try:
             typed = TYPED_ITEM.validate_python(item)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"][1:])  # [0] is the union's tag
-            raise InvalidRequest(f"{where}.{loc}: {first['msg']}", param="input") from None
+            raise InvalidRequest(validation_message(exc, where, skip=1)[0], param="input") from None  # [0]: the tag
         if isinstance(typed, TextItem):
             return typed.text, None
         return None, typed.image_url.url

@@ -19,9 +19,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from siglip.api.errors import BadRequest
+from siglip.api.errors import BadRequest, validation_message
 from siglip.api.images import is_http_url, looks_like_image_string
 from siglip.api.schemas import MODES, Parameters
+from siglip.settings import Settings
 
 TEXT_DETECTION_MAX_CHARS = 500
 MISSING_LABELS = "candidate_labels is required for zero-shot classification"
@@ -29,9 +30,15 @@ MISSING_LABELS = "candidate_labels is required for zero-shot classification"
 
 @dataclass(frozen=True)
 class Limits:
-    max_images: int = 64
-    max_texts: int = 1024
-    max_text_chars: int = 2000
+    """Per-request counts and sizes; from ``Settings``, their one home."""
+
+    max_images: int
+    max_texts: int
+    max_text_chars: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(settings.max_images_per_request, settings.max_texts_per_request, settings.max_text_chars)
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,9 @@ def detect_mode(inputs: Any, parameters: dict[str, Any]) -> str:
 
 
 def parse_request(inputs: Any, parameters: Any, endpoint_mode: str | None = None,
-                  limits: Limits = Limits()) -> ParsedRequest:
+                  limits: Limits | None = None) -> ParsedRequest:
+    """``limits``: the engine's; the settings' defaults when not given."""
+    limits = limits or Limits.from_settings(Settings())
     if parameters is None:
         parameters = {}
     if not isinstance(parameters, dict):
@@ -163,9 +172,7 @@ def _validate_parameters(parameters: dict[str, Any]) -> Parameters:
     try:
         return Parameters.model_validate(parameters)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise BadRequest(f"parameters.{loc}: {first['msg']}") from None
+        raise BadRequest(validation_message(exc, "parameters")[0]) from None
 
 
 def _apply_template(template: str, labels: tuple[str, ...], limits: Limits) -> tuple[str, ...]:

@@ -19,26 +19,25 @@ cap on open connections. ``GuardedHttpToolsProtocol`` adds those, in the spirit 
 - ``Upgrade: h2c`` (``curl --http2`` on plain http) is ignored: httptools stops parsing at an upgrade request and
   uvicorn served it with its body lost; here the request keeps its body and is served as HTTP/1.1.
 
-``install_connection_limits`` makes every uvicorn server BentoML starts in this process use it.
+``siglip.server.patches.install_connection_limits`` makes every uvicorn server BentoML starts in this process
+use it (uvicorn's internals are patched there, with BentoML's, for the versions they were read from).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import resource
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import bentoml
 import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from siglip import observe
-from siglip.server.memory import fix_mmap_threshold, limit_arenas, trim_heap
+from siglip.server.memory import trim_heap
 from siglip.settings import Settings, fmt_bytes
 
 logger = logging.getLogger("siglip.connections")
@@ -50,13 +49,16 @@ FD_RESERVE_MIN = 64
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    max_header_bytes: int = 16 * 1024
-    max_headers: int = 100
-    header_timeout_s: float = 10.0
-    max_connections: int = 10_000
+    """What every connection to a server of this process is held to; the first five from ``Settings`` (their one
+    home), through ``from_settings``."""
+
+    max_header_bytes: int
+    max_headers: int
+    header_timeout_s: float
+    max_connections: int
+    keep_alive_s: float  # 0: leave uvicorn's value
     linger_s: float = 5.0  # longest a refused upload is read and dropped after its answer
     trim_idle_s: float = 1.0  # freed heap goes back to the OS once no request has run for this long
-    keep_alive_s: float = 0.0  # 0: leave uvicorn's value
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
@@ -165,8 +167,8 @@ class IdleTrim:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    limits = ConnectionLimits()  # replaced per server by ``protocol_class``
-    idle_trim = IdleTrim(ConnectionLimits.trim_idle_s)
+    limits: ConnectionLimits  # set per server by ``protocol_class``
+    idle_trim: IdleTrim
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -369,40 +371,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 def protocol_class(limits: ConnectionLimits) -> type[GuardedHttpToolsProtocol]:
     return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,),
                 {"limits": limits, "idle_trim": IdleTrim(limits.trim_idle_s)})
-
-
-def install_connection_limits(limits: ConnectionLimits) -> None:
-    """Every uvicorn server started in this process after this call (BentoML creates them in its workers, after
-    importing the service) serves with ``limits``. uvicorn has no environment variables for any of this and
-    BentoML passes only a few options, so the Config is adjusted as it is created.
-
-    ``keep_alive_s``: BentoML runs uvicorn with a 5 s keep-alive, no longer than clients keep idle pooled
-    connections (httpx 5 s, aiohttp 15 s, load balancers 60 s). When the server closes first, a request sent on
-    that connection at the same moment meets a reset (~0.5% of requests under overload, sporadic 502s behind load
-    balancers); a keep-alive longer than any client's removes the race.
-    """
-    import uvicorn
-
-    # Calling this again replaces our own wrapper, never another library's.
-    original = getattr(uvicorn.Config.__init__, "_siglip_original", uvicorn.Config.__init__)
-    protocol = protocol_class(limits)
-
-    @functools.wraps(original)
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        if limits.keep_alive_s:
-            self.timeout_keep_alive = limits.keep_alive_s
-        if self.http in ("auto", "httptools"):
-            self.http = protocol
-        # h11 (if someone selects it) has its own header-size bound
-        self.h11_max_incomplete_event_size = limits.max_header_bytes
-        if bentoml.server_context.service_type == "entry_service":
-            # The gateway holds clients' bodies and decodes their images in threads (see siglip.server.memory).
-            limit_arenas(2)
-            fix_mmap_threshold()
-
-    init._siglip_original = original  # type: ignore[attr-defined]
-    uvicorn.Config.__init__ = init  # type: ignore[method-assign]
 
 
 def listening_address(argv: list[str] | None = None) -> str | None:

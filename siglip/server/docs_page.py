@@ -6,9 +6,10 @@ uses the same Swagger UI files BentoML bundles (served by BentoML under ``/stati
 its Content-Security-Policy keeps the browser from reaching any other origin, so the docs work air-gapped and tell
 nobody who looked at them.
 
-``/docs.json`` (BentoML's OpenAPI document, which knows only the ``@bentoml.api`` routes) gets this project's name
-and version and the routes the gateway serves beside them: the OpenAI-compatible ``/v1`` API (its schemas from the
-same pydantic models the handlers validate with), ``/info`` and ``/playground``.
+``/docs.json`` (BentoML's OpenAPI document, which knows only the ``@bentoml.api`` routes and their JSON bodies) gets
+this project's name and version, the routes the gateway serves beside them: the OpenAI-compatible ``/v1`` API (its
+schemas from the same pydantic models the handlers validate with), ``/info`` and ``/playground``, and the other
+bodies the JSON routes take: photos as a raw ``image/*`` body or a multipart form (``siglip.server.uploads``).
 """
 
 from __future__ import annotations
@@ -102,11 +103,39 @@ def extra_paths(openai_prefix: str, info_path: str, playground_path: str) -> tup
     return paths, schemas
 
 
-def complete_openapi(document: bytes, extra: tuple[dict[str, Any], dict[str, Any]]) -> bytes:
+def upload_bodies() -> dict[str, Any]:
+    """The request bodies ``siglip.server.uploads`` reads, as OpenAPI content entries."""
+    from siglip.server.uploads import IMAGE_FIELDS, PARAMETER_FIELDS, TEXT_FIELDS
+
+    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    texts = {"type": "array", "items": {"type": "string"}}
+    (image, images), (text, texts_field) = IMAGE_FIELDS, TEXT_FIELDS
+    properties = {
+        image: {**files, "description": "Image files: one is one input, several a list"},
+        images: {**files, "description": "Image files, always a list of inputs (even of one)"},
+        text: {**texts, "description": "Texts: one is one input, several a list"},
+        texts_field: {**texts, "description": "Texts, always a list"},
+        "parameters": {"type": "string", "description": "The parameters as one JSON object"},
+        **{name: {"type": "string", "description": "This parameter: a JSON value or plain text"}
+           for name in sorted(PARAMETER_FIELDS)},
+    }
+    return {
+        "multipart/form-data": {"schema": {"type": "object", "properties": properties}},
+        "image/*": {"schema": {"type": "string", "format": "binary",
+                               "description": "One image file; parameters in the query string"}},
+    }
+
+
+def complete_openapi(document: bytes, extra: tuple[dict[str, Any], dict[str, Any]],
+                     upload_routes: frozenset[str] = frozenset()) -> bytes:
     spec = json.loads(document)
     # BentoML's description is its own banner: badge images from other hosts and links to its community.
     spec.setdefault("info", {}).update(title=f"{PROJECT} API", version=version(), description=DESCRIPTION)
     paths, schemas = extra
+    for route in upload_routes:
+        body = spec.get("paths", {}).get(route, {}).get("post", {}).get("requestBody")
+        if body is not None:
+            body.setdefault("content", {}).update(upload_bodies())
     spec.setdefault("paths", {}).update(paths)
     spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
     return json.dumps(spec).encode()
@@ -116,9 +145,11 @@ class DocsPage:
     """ASGI middleware answering ``GET /`` with ``DOCS_HTML`` and completing ``GET /docs.json``; everything else goes
     to BentoML."""
 
-    def __init__(self, app: Any, openai_prefix: str, info_path: str, playground_path: str):
+    def __init__(self, app: Any, openai_prefix: str, info_path: str, playground_path: str,
+                 upload_routes: frozenset[str] = frozenset()):
         self.app = app
         self.extra = extra_paths(openai_prefix, info_path, playground_path)
+        self.upload_routes = upload_routes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("path") == "/docs.json" and scope.get("method") == "GET":
@@ -145,7 +176,7 @@ class DocsPage:
             await send(start)
             await send({"type": "http.response.body", "body": bytes(body)})
             return
-        document = complete_openapi(bytes(body), self.extra)
+        document = complete_openapi(bytes(body), self.extra, self.upload_routes)
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         await send({**start, "headers": headers + [(b"content-length", str(len(document)).encode())]})
         await send({"type": "http.response.body", "body": document})

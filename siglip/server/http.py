@@ -28,7 +28,7 @@ from siglip.api.openai_api import OPENAI_PREFIX
 from siglip.api.openai_api import error_object as openai_error_object
 from siglip.server import playground
 from siglip.server.uploads import is_upload
-from siglip.settings import MB, fmt_bytes
+from siglip.settings import Settings, fmt_bytes
 
 logger = logging.getLogger("siglip.http")
 
@@ -162,6 +162,27 @@ async def receive_unless_evicted(receive: Receive, upload: Upload) -> dict[str, 
                       "uploads were arriving; the slowest gives way to a new request")
 
 
+@dataclass(frozen=True)
+class GuardLimits:
+    """RequestGuard's tokens and budgets (per gateway worker), from ``Settings``: their one home."""
+
+    tokens: tuple[str, ...]
+    max_body_bytes: int
+    max_concurrency: int
+    max_inflight_body_bytes: int
+    body_timeout_s: float
+    min_upload_rate: int
+    max_uploads: int
+    request_timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GuardLimits:
+        return cls(tokens=settings.api_token, max_body_bytes=settings.max_body_bytes,
+                   max_concurrency=settings.max_concurrency, max_inflight_body_bytes=settings.max_inflight_body_bytes,
+                   body_timeout_s=settings.body_timeout_s, min_upload_rate=settings.min_upload_bytes_per_s,
+                   max_uploads=settings.max_uploads, request_timeout_s=settings.request_timeout_s)
+
+
 class RequestGuard:
     """Budgets, per gateway worker: ``max_uploads`` requests still receiving their body (one whose body came
     with its first read needs none), ``max_concurrency`` requests with a complete body being served, and
@@ -172,21 +193,11 @@ class RequestGuard:
     rest of the body, and close the connection (``siglip.server.connections`` lingers so the client reads the answer).
     """
 
-    def __init__(self, app: Any, api_paths: frozenset[str], tokens: tuple[str, ...] = (),
-                 max_body_bytes: int = 64 * MB, max_concurrency: int = 256, max_inflight_body_bytes: int = 512 * MB,
-                 body_timeout_s: float = 10.0, min_upload_rate: int = 16 * 1024, max_uploads: int = 64,
-                 request_timeout_s: float = 120.0, uploads: Any = None):
+    def __init__(self, app: Any, api_paths: frozenset[str], limits: GuardLimits, uploads: Any = None):
         self.app = app
         self.upload_app = uploads  # the ASGI app for image and multipart bodies (siglip.server.uploads)
         self.api_paths = api_paths
-        self.tokens = tokens
-        self.max_body_bytes = max_body_bytes
-        self.max_concurrency = max_concurrency
-        self.max_inflight_body_bytes = max_inflight_body_bytes
-        self.body_timeout_s = body_timeout_s
-        self.min_upload_rate = min_upload_rate
-        self.max_uploads = max_uploads
-        self.request_timeout_s = request_timeout_s
+        self.limits = limits
         self.in_flight = 0  # requests with their body, being served
         self.uploads: set[Upload] = set()  # requests waiting for more of their body
         self.inflight_body_bytes = 0  # bodies of requests being read or served
@@ -220,7 +231,7 @@ class RequestGuard:
                 # Proxies and frameworks disagree on which one counts (first, last, joined): refuse the ambiguity.
                 return await _send_error(send, BadRequest(f"{len(auth)} Authorization headers; send one"),
                                          close=True, path=path)
-            if self.tokens and not token_ok(auth[0].decode("latin-1") if auth else None, self.tokens):
+            if self.limits.tokens and not token_ok(auth[0].decode("latin-1") if auth else None, self.limits.tokens):
                 return await _send_error(send, Unauthorized("missing or invalid bearer token (Authorization: "
                                                             "Bearer <token>)"), close=True, path=path)
         if scope.get("method") != "POST" or path not in self.api_paths:
@@ -243,7 +254,7 @@ class RequestGuard:
                 return await _send_error(send, exc, close=True, path=path)
             except ServiceError as exc:
                 return await _send_error(send, exc, path=path)
-            if self.in_flight >= self.max_concurrency:  # filled while this body arrived
+            if self.in_flight >= self.limits.max_concurrency:  # filled while this body arrived
                 return await _send_error(send, self._busy(), path=path)
             await self._run(scope, receive, send, body, upload)
         finally:
@@ -256,13 +267,13 @@ class RequestGuard:
     def _check_admission(self, scope: Scope) -> None:
         """What can be refused from the headers alone, before any of the body is read."""
         for key, value in scope.get("headers", []):
-            if key == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
+            if key == b"content-length" and value.isdigit() and int(value) > self.limits.max_body_bytes:
                 raise self._too_large()
-        if self.in_flight >= self.max_concurrency:
+        if self.in_flight >= self.limits.max_concurrency:
             raise self._busy()
 
     def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body is over the {fmt_bytes(self.max_body_bytes)} limit "
+        return PayloadTooLarge(f"request body is over the {fmt_bytes(self.limits.max_body_bytes)} limit "
                                "(SIGLIP_MAX_BODY_BYTES)")
 
     async def _run(self, scope: Scope, receive: Receive, send: Send, body: bytes, upload: bool = False) -> None:
@@ -352,8 +363,8 @@ class RequestGuard:
         try:
             while True:
                 now = loop.time()
-                until = min(now + self.body_timeout_s, start + self.request_timeout_s,
-                            start + self.body_timeout_s + size / self.min_upload_rate)
+                until = min(now + self.limits.body_timeout_s, start + self.limits.request_timeout_s,
+                            start + self.limits.body_timeout_s + size / self.limits.min_upload_rate)
                 try:
                     async with asyncio.timeout(until - now):
                         message = await (receive() if upload is None else receive_unless_evicted(receive, upload))
@@ -364,9 +375,9 @@ class RequestGuard:
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 self.inflight_body_bytes += len(chunk)
-                if size > self.max_body_bytes:
+                if size > self.limits.max_body_bytes:
                     raise self._too_large()
-                if self.inflight_body_bytes > self.max_inflight_body_bytes:
+                if self.inflight_body_bytes > self.limits.max_inflight_body_bytes:
                     raise Overloaded(f"server is holding {fmt_bytes(self.inflight_body_bytes)} of request bodies "
                                      "(SIGLIP_MAX_INFLIGHT_BODY_BYTES); retry shortly")
                 chunks.append(chunk)
@@ -386,7 +397,7 @@ class RequestGuard:
         """A slot for a body that needs more than one read. When all are taken, the slowest upload that has run
         for EVICT_AFTER_S gives its slot up (it is answered 408): clients trickling bytes cannot hold the slots
         against uploads that arrive at a normal rate. Only when every upload is younger is the newcomer refused."""
-        if len(self.uploads) >= self.max_uploads:
+        if len(self.uploads) >= self.limits.max_uploads:
             candidates = [u for u in self.uploads if now - u.started >= EVICT_AFTER_S]
             if not candidates:
                 raise Overloaded(f"{len(self.uploads)} request bodies are still arriving (SIGLIP_MAX_UPLOADS); "
@@ -399,8 +410,8 @@ class RequestGuard:
         return upload
 
     def _slow_body(self, size: int, elapsed: float) -> str:
-        return (f"request body too slow: {fmt_bytes(size)} in {elapsed:.1f} s (at most {self.body_timeout_s:g} s "
-                f"between reads, SIGLIP_BODY_TIMEOUT_S, then at least {fmt_bytes(self.min_upload_rate)}/s, "
+        return (f"request body too slow: {fmt_bytes(size)} in {elapsed:.1f} s (at most {self.limits.body_timeout_s:g} s "
+                f"between reads, SIGLIP_BODY_TIMEOUT_S, then at least {fmt_bytes(self.limits.min_upload_rate)}/s, "
                 f"SIGLIP_MIN_UPLOAD_BYTES_PER_S, within SIGLIP_REQUEST_TIMEOUT_S)")
 
 

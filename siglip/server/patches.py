@@ -1,4 +1,5 @@
-"""Fixes to BentoML's and prometheus_client's process handling, in one place, for the versions they were read from.
+"""Fixes to BentoML's, prometheus_client's and uvicorn's internals, in one place, for the versions they were read from
+(``WRITTEN_FOR``: another version installed logs a warning naming it).
 
 Each fixes a fault measured against ``bentoml serve`` (tests/test_faults.py):
 
@@ -22,12 +23,15 @@ Each fixes a fault measured against ``bentoml serve`` (tests/test_faults.py):
   is for.
 
 ``install()`` applies them once per process; the server's main process and its workers all import the service.
+``install_connection_limits`` makes uvicorn serve every connection with ``siglip.server.connections``' protocol
+(header, connection and keep-alive limits uvicorn has no options for).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import logging
 import mmap
@@ -36,10 +40,14 @@ import shutil
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from siglip.server.connections import ConnectionLimits
 
 logger = logging.getLogger("siglip.patches")
 
-WRITTEN_FOR = {"bentoml": "1.4.40", "prometheus-client": "0.26.0"}
+WRITTEN_FOR = {"bentoml": "1.4.40", "prometheus-client": "0.26.0", "uvicorn": "0.54.0"}
 READY_PROBE_S = 1.0  # the gateway's /readyz waits this long for the model service's
 PREFLIGHT_BYTES = 1 << 20  # a start must be able to reserve this much for metric files
 SERVER_DIR_PREFIX = "server-{pid}-"
@@ -362,3 +370,42 @@ def sweep_dead_gauges(directory: str, mark_dead) -> list[int]:
     return sorted(dead)
 
 
+# -------------------------------------------------------------------------------------------------------------
+# uvicorn: connection limits
+# -------------------------------------------------------------------------------------------------------------
+def install_connection_limits(limits: ConnectionLimits) -> None:
+    """Every uvicorn server started in this process after this call (BentoML creates them in its workers, after
+    importing the service) serves with ``limits``. uvicorn has no environment variables for any of this and
+    BentoML passes only a few options, so the Config is adjusted as it is created.
+
+    ``keep_alive_s``: BentoML runs uvicorn with a 5 s keep-alive, no longer than clients keep idle pooled
+    connections (httpx 5 s, aiohttp 15 s, load balancers 60 s). When the server closes first, a request sent on
+    that connection at the same moment meets a reset (~0.5% of requests under overload, sporadic 502s behind load
+    balancers); a keep-alive longer than any client's removes the race.
+    """
+    import bentoml
+    import uvicorn
+
+    # Calling this again replaces our own wrapper, never another library's.
+    original = getattr(uvicorn.Config.__init__, "_siglip_original", uvicorn.Config.__init__)
+    from siglip.server.connections import protocol_class
+    from siglip.server.memory import fix_mmap_threshold, limit_arenas
+
+    protocol = protocol_class(limits)
+
+    @functools.wraps(original)
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if limits.keep_alive_s:
+            self.timeout_keep_alive = limits.keep_alive_s
+        if self.http in ("auto", "httptools"):
+            self.http = protocol
+        # h11 (if someone selects it) has its own header-size bound
+        self.h11_max_incomplete_event_size = limits.max_header_bytes
+        if bentoml.server_context.service_type == "entry_service":
+            # The gateway holds clients' bodies and decodes their images in threads (see siglip.server.memory).
+            limit_arenas(2)
+            fix_mmap_threshold()
+
+    init._siglip_original = original  # type: ignore[attr-defined]
+    uvicorn.Config.__init__ = init  # type: ignore[method-assign]
