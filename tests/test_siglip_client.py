@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import TOKENS, b64, encode, free_port, make_image
+from conftest import TOKENS, ImageServer, b64, encode, free_port, make_image
 from PIL import Image, ImageOps
 from pydantic import ValidationError
 
@@ -534,11 +534,16 @@ def test_schema_read_failure_is_status_none(connect, relay):
     assert info.value.status is None
 
 
-def test_not_a_siglip_server(connect, image_server):
-    image_server.add("/schema.json", b'{"routes": []}')  # a BentoML-like schema without our APIs
-    with pytest.raises(SiglipError) as info:
-        connect(image_server.url("")).zero_shot(b"x", LABELS)
-    assert info.value.status == 200 and "is not the SigLIP service" in info.value.message
+def test_not_a_siglip_server(connect):
+    # A server of its own: the session's image server must keep answering 404 to /schema.json for other tests.
+    other = ImageServer()
+    try:
+        other.add("/schema.json", b'{"routes": []}')  # a BentoML-like schema without our APIs
+        with pytest.raises(SiglipError) as info:
+            connect(other.url("")).zero_shot(b"x", LABELS)
+        assert info.value.status == 200 and "is not the SigLIP service" in info.value.message
+    finally:
+        other.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
