@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the encoder did not load: {encoder.error}")
     handler = naive_handler.EndpointHandler(args.model, "cpu")
     pool = naive_handler.jpeg_b64_pool(1)
-    body = naive_handler.build_requests("single", pool, 0)
+    body = naive_handler.request_json("image_embedding", pool, 0)
     # The gateway's work (decode + the checkpoint's resize to uint8), untimed, as the service splits it.
     info = encoder.info
     jpeg = decode_image_string(pool[0], "image", 1 << 30)

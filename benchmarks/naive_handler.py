@@ -15,7 +15,6 @@ The CLI times it on the same inputs latency.py sends (800x600 JPEGs, quality 90,
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import os
@@ -23,9 +22,20 @@ import sys
 import time
 from typing import Any
 
-from common import LABELS, jpeg_b64_pool, latency_stats, log, meta, print_table, write_json
-
-CASES = ("single", "batch10", "zero_shot")
+from common import (
+    CASES,
+    LABELS,
+    MODES,
+    arg_parser,
+    jpeg_b64_pool,
+    latency_stats,
+    log,
+    meta,
+    pick_names,
+    print_table,
+    request_json,
+    write_json,
+)
 
 
 class EndpointHandler:
@@ -80,20 +90,8 @@ class EndpointHandler:
         return ranked if len(images) > 1 else ranked[0]
 
 
-def build_requests(case: str, pool: tuple[str, ...], i: int) -> dict[str, Any]:
-    if case == "single":
-        return {"inputs": pool[i % len(pool)]}
-    if case == "batch10":
-        return {"inputs": [pool[(i * 10 + k) % len(pool)] for k in range(10)]}
-    return {"inputs": pool[i % len(pool)], "parameters": {"candidate_labels": list(LABELS)}}
-
-
-IMAGES_PER_REQUEST = {"single": 1, "batch10": 10, "zero_shot": 1}
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = arg_parser(__doc__, url=False)
     parser.add_argument("--model", default=os.environ.get("SIGLIP_MODEL"),
                         help="checkpoint directory (default: $SIGLIP_MODEL)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -102,15 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--max-seconds", type=float, default=120.0,
                         help="stop a case early once it has run this long (default: 120)")
-    parser.add_argument("--distinct-images", type=int, default=16, help="size of the JPEG pool (default: 16)")
-    parser.add_argument("--json", metavar="PATH", help="write results as JSON")
     args = parser.parse_args(argv)
     if not args.model:
         parser.error("--model (or $SIGLIP_MODEL) is required")
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    for c in cases:
-        if c not in CASES:
-            parser.error(f"unknown case {c!r}; choose from {', '.join(CASES)}")
+    cases = pick_names(parser, args.cases, CASES)
 
     import torch
 
@@ -126,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for case in cases:
         for i in range(args.warmup):
-            handler(build_requests(case, pool, i))
+            handler(request_json(CASES[case], pool, i))
         times: list[float] = []
         started = time.perf_counter()
         for i in range(args.requests):
-            body = build_requests(case, pool, i)
+            body = request_json(CASES[case], pool, i)
             t = time.perf_counter()
             out = handler(body)  # returns Python lists: the device work is complete
             times.append(time.perf_counter() - t)
@@ -142,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{case}: stopping after {len(times)} requests (--max-seconds {args.max_seconds:g})")
                 break
         stats = latency_stats(times)
-        n_img = IMAGES_PER_REQUEST[case]
+        n_img = MODES[CASES[case]][1]
         stats["images_per_request"] = n_img
         stats["images_per_s"] = round(n_img * len(times) / sum(times), 2)
         results[case] = stats

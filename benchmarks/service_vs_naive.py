@@ -45,14 +45,14 @@ def main(argv: list[str] | None = None) -> int:
             resp.raise_for_status()
 
         for fn in (post, handler):  # one untimed call each
-            fn(naive_handler.build_requests("single", pool, 0))
+            fn(naive_handler.request_json("image_embedding", pool, 0))
         log(f"torch threads here {torch.get_num_threads()}; {args.rounds} rounds of {args.per_round} + "
             f"{args.per_round}")
         for r in range(args.rounds):
             for fn, times in ((handler, naive), (post, service)) if r % 2 == 0 else ((post, service),
                                                                                      (handler, naive)):
                 for i in range(args.per_round):
-                    body = naive_handler.build_requests("single", pool, r * args.per_round + i)
+                    body = naive_handler.request_json("image_embedding", pool, r * args.per_round + i)
                     t = time.perf_counter()
                     fn(body)
                     times.append((time.perf_counter() - t) * 1000)
