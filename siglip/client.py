@@ -64,6 +64,8 @@ from bentoml.exceptions import BentoMLException
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
+from siglip.server.uploads import MAX_FIELD_BYTES
+
 __all__ = ["AsyncSiglipClient", "ImageLike", "LabelScore", "SiglipClient", "SiglipError", "image_to_wire"]
 
 DEFAULT_URL = "http://localhost:3000"
@@ -249,10 +251,15 @@ def _form(items: list[ImageFile | str], batch: bool, parameters: dict[str, Any],
     local = [item for item in items if isinstance(item, ImageFile)]
     if not items or len(local) < len(items) or texts == []:
         return None
+    options = json.dumps(parameters, ensure_ascii=False) if parameters else ""
+    fields_ok = all(isinstance(t, str) and len(t.encode()) <= MAX_FIELD_BYTES for t in texts or ())
+    if len(options.encode()) > MAX_FIELD_BYTES or not fields_ok:
+        # Past what the server reads from one form field (or not text at all): JSON, which answers as JSON does.
+        return None
     # "images" is a batch even of one (the server answers in the batch shape), "image" one input.
     field = "images" if batch else "image"
     files = tuple((field, (item.name or _file_name(item.data, i), item.data)) for i, item in enumerate(local))
-    fields: dict[str, str | list[str]] = {"parameters": json.dumps(parameters)} if parameters else {}
+    fields: dict[str, str | list[str]] = {"parameters": options} if parameters else {}
     if texts is not None:
         fields["texts"] = texts
     return Form(files, fields)
@@ -422,8 +429,9 @@ def _probe_timeout(timeout: float, deadline: float) -> float:
 
 
 def json_answer(resp: httpx.Response, api: str) -> Any:
-    """The JSON of an answer from ``/{api}``; an error answer as ``SiglipError`` (its status and error text)."""
-    if resp.status_code >= 400:
+    """The JSON of an answer from ``/{api}``; any other status than 200 as ``SiglipError`` (its status and error
+    text), as BentoML's client raises them."""
+    if resp.status_code != 200:
         raise SiglipError(resp.status_code, error_text(resp.text))
     try:
         return resp.json()
@@ -463,7 +471,9 @@ class SiglipClient:
         self._rng = random.Random()
         self._token = token
         self._bento: bentoml.SyncHTTPClient | None = None
-        self._probe = httpx.Client(base_url=self.url, headers=_auth(token), timeout=self.timeout)
+        # follow_redirects: as BentoML's client does (a proxy's http -> https, a trailing slash)
+        self._probe = httpx.Client(base_url=self.url, headers=_auth(token), timeout=self.timeout,
+                                   follow_redirects=True)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -619,7 +629,8 @@ class AsyncSiglipClient:
         self._rng = random.Random()
         self._token = token
         self._bento: bentoml.AsyncHTTPClient | None = None
-        self._probe = httpx.AsyncClient(base_url=self.url, headers=_auth(token), timeout=self.timeout)
+        self._probe = httpx.AsyncClient(base_url=self.url, headers=_auth(token), timeout=self.timeout,
+                                        follow_redirects=True)
         self._lock = asyncio.Lock()
         self._closed = False
 
