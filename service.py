@@ -246,18 +246,28 @@ PARAMETERS = Field(None, description='{"mode": ..., "candidate_labels": [...], "
                    examples=[{"mode": "text_embedding"}])
 
 
+_GATEWAY: list[SiglipGateway] = []  # this worker's gateway, set when BentoML builds it
+
+
+def gateway() -> SiglipGateway:
+    """This worker's gateway instance, for the apps and middlewares mounted beside BentoML's routes. This module's
+    own rather than ``bentoml.get_current_service()`` (one per process): a test process may build several gateways
+    from copies of this module, each with its settings."""
+    return _GATEWAY[0]
+
+
 async def _v1_embeddings(request: Request) -> Response:
     body = await request.body()
-    return await answer(lambda: bentoml.get_current_service().openai.create(body), request.url.path)
+    return await answer(lambda: gateway().openai.create(body), request.url.path)
 
 
 async def _v1_models(request: Request) -> Response:
     name = request.path_params.get("name")
-    return await answer(lambda: bentoml.get_current_service().openai.models(name), request.url.path)
+    return await answer(lambda: gateway().openai.models(name), request.url.path)
 
 
 async def _info(request: Request) -> Response:
-    return await answer(lambda: bentoml.get_current_service().engine.info_json(), request.url.path)
+    return await answer(lambda: gateway().engine.info_json(), request.url.path)
 
 
 # GET /info (TEI's name): the checkpoint, its family and shapes, backend, device and the request limits; open without
@@ -286,6 +296,7 @@ class SiglipGateway:
 
     def __init__(self) -> None:
         logging.getLogger("siglip").disabled = False
+        _GATEWAY[:] = [self]
         self.fetcher = Fetcher(FetchPolicy.from_settings(settings))
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="siglip-decode")
         self.engine = Engine(settings, BentoModelClient(self.model, settings.model_stall_timeout_s),
@@ -346,9 +357,9 @@ API_ROUTES = frozenset({*MODE_ROUTES, *(OPENAI_PREFIX.rstrip("/") + route.path f
 SiglipGateway.add_asgi_middleware(observe.Observer, routes=API_ROUTES)
 SiglipGateway.add_asgi_middleware(
     RequestGuard, api_paths=API_ROUTES, limits=GuardLimits.from_settings(settings),
-    uploads=upload_app(MODE_ROUTES, run=lambda *request: bentoml.get_current_service().engine.run(*request),
-                       limits=lambda: bentoml.get_current_service().engine.limits),
+    uploads=upload_app(MODE_ROUTES, run=lambda *request: gateway().engine.run(*request),
+                       limits=lambda: gateway().engine.limits),
 )
 SiglipGateway.add_asgi_middleware(DocsPage, openai_prefix=OPENAI_PREFIX, info_path=INFO_PATH,
                                   playground_path=playground.PAGE, upload_routes=frozenset(MODE_ROUTES))
-SiglipGateway.add_asgi_middleware(ReadinessCause, status=lambda: bentoml.get_current_service().engine.client.status)
+SiglipGateway.add_asgi_middleware(ReadinessCause, status=lambda: gateway().engine.client.status)
