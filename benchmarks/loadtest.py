@@ -130,13 +130,13 @@ class Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def post_check(url: str, wait_s: float = 60.0) -> dict[str, Any]:
+def post_check(url: str, wait_s: float = 60.0, timeout_s: float = 180.0) -> dict[str, Any]:
     """After the load: /readyz within wait_s, then one image embedding and one zero-shot answer correctly."""
     try:
         result: dict[str, Any] = {"ok": False, "ready_after_s": round(wait_ready(url, wait_s), 2)}
     except SystemExit as exc:  # wait_ready's way of saying "not in time"
         return {"ok": False, "detail": f"after the load: {exc}"}
-    with httpx.Client(timeout=60, headers=HEADERS) as client:
+    with httpx.Client(timeout=timeout_s, headers=HEADERS) as client:  # a CPU server may still drain its queue
         for i, mode in enumerate(("image_embedding", "zero_shot")):
             t = time.perf_counter()
             r = client.post(url + MODES[mode][0], content=body_for(mode, 1 - i))
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     by_mode = {mode: {"answered": answered(mode), **latency_stats(s.latencies(mode)),
                       "ok_items_per_s": round(len(s.latencies(mode)) * MODES[mode][1] / wall, 2)} for mode, _ in mix}
     statuses = answered()
-    check = post_check(url)
+    check = post_check(url, timeout_s=args.timeout)
     procs_after = process_tree(args.server_pid)
     lost = sorted(p.pid for p in set(procs_before) - set(procs_after))  # a replaced process: same pid, new start
     tracebacks = 0

@@ -319,9 +319,15 @@ def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServicePro
         svc.stop()
 
 
-# A command prefix: a new network namespace with only its loopback up, then exec the rest (proc.pid stays the
-# command's). A server in it may bind 0.0.0.0 and no other machine can reach it.
-ISOLATED_NETWORK = ("unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"')
+def isolated_network() -> tuple[str, ...]:
+    """A command prefix: a new network namespace with only its loopback up, then exec the rest (proc.pid stays the
+    command's). A server in it may bind 0.0.0.0 and no other machine can reach it. Skips the test without root,
+    ``unshare`` or ``ip`` (.ci/run installs util-linux and iproute2)."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        pytest.skip("needs root, unshare and ip: a network namespace of its own")
+    return ("unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"')
 
 
 @pytest.fixture(scope="session")
@@ -358,7 +364,7 @@ class InProcessService:
         logging.getLogger("siglip").addHandler(handler)
         self._handler = handler
 
-        name = f"siglip_test_service_{next(self._count)}"
+        self._name = name = f"siglip_test_service_{next(self._count)}"
         spec = importlib.util.spec_from_file_location(name, ROOT / "service.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # pydantic resolves the APIs' annotations through the module
@@ -368,7 +374,7 @@ class InProcessService:
             spec.loader.exec_module(module)
         finally:
             settings_module._settings = held
-        self.settings = module.settings
+        self.module, self.settings = module, module.settings
         _forget_bentoml_traffic_metrics()
         self.client = TestClient(module.SiglipGateway.to_asgi(), base_url="http://127.0.0.1:3000")
         self.client.__enter__()  # the lifespan: the gateway's instance, and the model's, whose load starts
@@ -391,6 +397,7 @@ class InProcessService:
 
         self.client.__exit__(None, None, None)
         logging.getLogger("siglip").removeHandler(self._handler)
+        sys.modules.pop(self._name, None)
 
 
 def _forget_bentoml_traffic_metrics() -> None:
@@ -405,16 +412,24 @@ def _forget_bentoml_traffic_metrics() -> None:
 
 
 @pytest.fixture(scope="session")
-def in_process(tiny_checkpoint) -> Callable[..., InProcessService]:
+def in_process(tiny_checkpoint, tmp_path_factory) -> Callable[..., InProcessService]:
     """``in_process(**SIGLIP_env)``: the service in this process (``InProcessService``) with the tiny checkpoint
     and these settings, ready; one per distinct settings, shared for the session."""
     built: dict[tuple, InProcessService] = {}
+    # As the real servers: converted models go to the test's own directory, never ~/.cache.
+    openvino_cache = str(tmp_path_factory.mktemp("in-process-openvino"))
 
     def get(**env: str) -> InProcessService:
-        env = {"SIGLIP_MODEL": str(tiny_checkpoint), **env}
+        env = {"SIGLIP_MODEL": str(tiny_checkpoint), "SIGLIP_OPENVINO_CACHE_DIR": openvino_cache, **env}
         key = tuple(sorted(env.items()))
         if key not in built:
-            built[key] = InProcessService(env).wait_ready()
+            svc = InProcessService(env)
+            try:
+                svc.wait_ready()
+            except BaseException:
+                svc.close()  # its event loop thread would keep the interpreter from exiting
+                raise
+            built[key] = svc
         return built[key]
 
     yield get
@@ -428,8 +443,9 @@ TOKENS = ("tok-alpha-123", "tok-beta-456")
 @pytest.fixture(scope="session")
 def authed(start_service) -> ServiceProcess:
     """Bearer auth with two tokens, otherwise defaults (private URLs refused), fp32: the server every module that
-    checks auth over a real socket shares (security, the Python client, the playground in a browser)."""
-    return start_service(SIGLIP_API_TOKEN=",".join(TOKENS), SIGLIP_DTYPE="float32")
+    checks auth over a real socket shares (security, the Python client, the playground in a browser). JPEGs are
+    forwarded to the model service (SIGLIP_DEVICE_DECODE=on): that path's one test across the process boundary."""
+    return start_service(SIGLIP_API_TOKEN=",".join(TOKENS), SIGLIP_DTYPE="float32", SIGLIP_DEVICE_DECODE="on")
 
 
 BROKEN = "broken.jpg"  # odd_folder's corrupt file

@@ -740,6 +740,14 @@ def test_docs_json_lists_all_five_routes(service):
         assert {"image", "images", "text", "texts", "parameters", "candidate_labels"} <= form.keys()
 
 
+def test_gateway_routes_are_read_from_what_serves_them(in_process):
+    """The guard, the observer and the uploads app get the routes from the gateway's APIs and the OpenAI app."""
+    module = in_process().module
+    assert module.MODE_ROUTES == {"/": None, "/zero_shot": "zero_shot", "/image_embedding": "image_embedding",
+                                  "/text_embedding": "text_embedding", "/similarity": "similarity"}
+    assert module.API_ROUTES == {*module.MODE_ROUTES, "/v1/embeddings"}
+
+
 def test_zz_service_healthy_after_all_errors(service, catalog, reference):
     """Runs last in this module: every bad request above was answered without harming the server."""
     assert httpx.get(service.url + "/readyz", timeout=10).status_code == 200

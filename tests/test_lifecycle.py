@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import ISOLATED_NETWORK, b64, encode, make_image, wait_for
+from conftest import b64, encode, isolated_network, make_image, wait_for
 
 READY_WATCH_S = 5.0  # how long /readyz must stay 503 once the gateway is up
 FAILURE_DEADLINE_S = 120.0  # the load failure must be reported within this
@@ -178,9 +178,13 @@ def test_the_log_warns_when_listening_beyond_loopback_with_auth_off(service, sta
     from siglip.server.connections import is_loopback, listening_address
 
     assert "with auth off" not in service.log_path.read_text(errors="replace")
-    everywhere = start_service(ready=False, wrap=ISOLATED_NETWORK, host="0.0.0.0")
-    line = wait_for(lambda: next((x for x in everywhere.log().splitlines() if "with auth off" in x), None), 120,
-                    "the beyond-loopback warning", everywhere.log)
+    everywhere = start_service(ready=False, wrap=isolated_network(), host="0.0.0.0")
+
+    def warning() -> str | None:
+        assert everywhere.proc.poll() is None, f"the server exited:\n{everywhere.log()[-3000:]}"
+        return next((x for x in everywhere.log().splitlines() if "with auth off" in x), None)
+
+    line = wait_for(warning, 120, "the beyond-loopback warning", everywhere.log)
     assert "Listening on 0.0.0.0 with auth off" in line and "SIGLIP_API_TOKEN" in line
     everywhere.stop()
     with socket.socket() as everywhere:

@@ -65,7 +65,8 @@ def install() -> None:
         found = version(package)
         if found != expected:
             logger.warning("siglip.server.patches was written for %s %s, not %s: re-check it against tests/"
-                           "test_faults.py before relying on graceful stops and metrics", package, expected, found)
+                           "test_faults.py and tests/test_hostile.py before relying on graceful stops, metrics and "
+                           "connection limits", package, expected, found)
     arbiter_removes_sockets_last()
     bounded_dependency_probe()
     own_metrics_dir()
