@@ -318,8 +318,8 @@ def naflex_service(start_service, checkpoints):
 
 
 @pytest.fixture(scope="module")
-def siglip1_service(start_service, checkpoints):
-    return start_service(SIGLIP_MODEL=str(checkpoints["siglip1-16-tokens"]), SIGLIP_DTYPE="float32")
+def siglip1_service(in_process, checkpoints):
+    return in_process(SIGLIP_MODEL=str(checkpoints["siglip1-16-tokens"]), SIGLIP_DTYPE="float32")
 
 
 def test_naflex_every_mode_over_http(naflex_service, references):
@@ -384,12 +384,12 @@ def test_info_names_what_is_served(naflex_service, siglip1_service, checkpoints)
     assert "NaFlex, up to 64 patches of 16 px" in line and "on cpu (float32)" in line
 
     async def info_async():
-        async with AsyncSiglipClient(siglip1_service.url) as client:
+        async with AsyncSiglipClient(naflex_service.url) as client:
             return await client.info()
 
-    with SiglipClient(siglip1_service.url) as client:
-        got = client.info()
-    assert asyncio.run(info_async()) == got
+    with SiglipClient(naflex_service.url) as client:
+        assert client.info() == asyncio.run(info_async()) == info
+    got = siglip1_service.client.get("/info").json()
     assert got["family"] == "SigLIP" and got["text_length"] == 16 and got["naflex"] is False
     assert (got["image_height"], got["image_width"]) == (64, 64)
 
