@@ -331,9 +331,15 @@ def isolated_network() -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="session")
-def service(start_service) -> ServiceProcess:
-    """The main contract-test server: fp32 (exact parity with the reference), loopback URLs allowed."""
+def main_server(start_service) -> ServiceProcess:
+    """The main real server: fp32 (exact parity with the reference), loopback URLs allowed."""
     return start_service(SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1")
+
+
+@pytest.fixture(scope="session")
+def service(main_server) -> ServiceProcess:
+    """``main_server``, under the name most tests use (a module may serve its ``service`` in this process)."""
+    return main_server
 
 
 # ---------------------------------------------------------------------------------------------------------------

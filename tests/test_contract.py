@@ -1,5 +1,6 @@
-"""HTTP contract tests against a real ``bentoml serve`` process: every example and rule of
-shared/spec/siglip2-api-spec.txt, checked against the transformers reference on the same (tiny) checkpoint.
+"""HTTP contract tests: every example and rule of shared/spec/siglip2-api-spec.txt, checked against the
+transformers reference on the same (tiny) checkpoint. The service runs in this process (``in_process``: BentoML's
+app for the gateway over an ASGI transport); the spec's own Python client example runs against the real server.
 
 Images come from the loopback ``image_server``; no traffic leaves 127.0.0.1.
 """
@@ -17,6 +18,12 @@ from conftest import Route, b64, cosine, encode, make_image
 from PIL import Image
 
 EMBED_DIM = 32  # the tiny checkpoint (the real model has 768)
+
+
+@pytest.fixture(scope="module")
+def service(in_process):
+    """The contract's service, in this process: fp32 (exact parity with the reference), loopback URLs allowed."""
+    return in_process(SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1")
 COS_MIN = 0.9999
 SCORE_ATOL = 1e-4
 
@@ -168,9 +175,9 @@ def test_example_4_match_image_to_descriptions(service, catalog, reference):
     assert result["image_count"] == 1 and result["text_count"] == 4
 
 
-def test_example_5_python_client(service, catalog, reference, tmp_path):
-    """The spec's Python client, verbatim but for httpx in place of requests and the loopback URL."""
-    api_url = service.url + "/"
+def test_example_5_python_client(main_server, catalog, reference, tmp_path):
+    """The spec's Python client, verbatim but for httpx in place of requests and the loopback URL: over a socket."""
+    api_url = main_server.url + "/"
     headers = {"Authorization": "Bearer hf_xxxxx"}
 
     def classify_product(image_url: str, labels: list[str]) -> list[dict]:
@@ -561,7 +568,7 @@ def test_error_unknown_mode(service, catalog):
 # ---------------------------------------------------------------------------------------------------------------
 def _raw(service, path: str, content: bytes, content_type: str | None = "application/json") -> httpx.Response:
     headers = {"content-type": content_type} if content_type else {}
-    return httpx.post(service.url + path, content=content, headers=headers, timeout=60)
+    return service.client.post(path, content=content, headers=headers)
 
 
 @pytest.mark.parametrize("path", ["/", "/zero_shot", "/text_embedding"])
@@ -728,7 +735,7 @@ def test_curl_style_body_without_json_content_type(service, catalog, reference, 
 
 
 def test_docs_json_lists_all_five_routes(service):
-    r = httpx.get(service.url + "/docs.json", timeout=30)
+    r = service.client.get("/docs.json")
     assert r.status_code == 200
     paths = r.json()["paths"]
     for route in ("/", "/zero_shot", "/image_embedding", "/text_embedding", "/similarity"):
@@ -750,10 +757,10 @@ def test_gateway_routes_are_read_from_what_serves_them(in_process):
 
 def test_zz_service_healthy_after_all_errors(service, catalog, reference):
     """Runs last in this module: every bad request above was answered without harming the server."""
-    assert httpx.get(service.url + "/readyz", timeout=10).status_code == 200
-    assert httpx.get(service.url + "/healthz", timeout=10).status_code == 200
+    assert service.client.get("/readyz").status_code == 200
+    assert service.client.get("/healthz").status_code == 200
     tile = catalog["tile-003"]
     assert_ranked(ok(service.post("/", {"inputs": tile.url, "parameters": {"candidate_labels": CATALOG_LABELS}})),
                   reference.zero_shot(tile.image, CATALOG_LABELS))
-    log = service.log_path.read_text(errors="replace")
+    log = service.log()
     assert "unexpected error" not in log, "a bad request reached the 500 path"

@@ -29,6 +29,12 @@ AUTH = {"Authorization": f"Bearer {TOKENS[0]}"}
 
 
 @pytest.fixture(scope="module")
+def service(in_process):
+    """The request path's refusals (hostile files, modes, URLs), in this process: fp32, loopback URLs allowed."""
+    return in_process(SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1")
+
+
+@pytest.fixture(scope="module")
 def secure(authed):
     """Defaults (private URLs refused) plus bearer auth with two tokens."""
     return authed

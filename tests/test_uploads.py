@@ -13,24 +13,29 @@ JPEG = encode(make_image(61, (120, 90)), "JPEG", quality=92)
 PNG = encode(make_image(62, (70, 70)))
 
 
+@pytest.fixture(scope="module")
+def service(in_process):
+    """Uploads through the request path, in this process (the same settings as the contract tests')."""
+    return in_process(SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1")
+
+
 def post_files(service, path: str, files: list[tuple[str, tuple]] | None = None, data=None, **kw) -> httpx.Response:
     """A form to a real server or one in this process (``service.client``)."""
     return service.client.post(path, files=files, data=data, **kw)
 
 
 def test_a_raw_body_embeds_as_its_base64_does(service):
-    raw = httpx.post(service.url + "/image_embedding", content=JPEG, headers={"Content-Type": "image/jpeg"},
-                     timeout=60)
+    raw = service.client.post("/image_embedding", content=JPEG, headers={"Content-Type": "image/jpeg"})
     as_json = service.post("/image_embedding", {"inputs": b64(JPEG)})
     assert raw.status_code == 200, raw.text
     assert np.allclose(raw.json()[0]["embedding"], as_json.json()[0]["embedding"], atol=1e-6)
     # the auto-detecting route takes it too, and parameters come from the query string
-    ranked = httpx.post(service.url + "/", content=JPEG, params={"candidate_labels": '["tile","wood"]'},
-                        headers={"Content-Type": "image/jpeg"}, timeout=60)
+    ranked = service.client.post("/", content=JPEG, params={"candidate_labels": '["tile","wood"]'},
+                                 headers={"Content-Type": "image/jpeg"})
     assert ranked.status_code == 200 and {r["label"] for r in ranked.json()} == {"tile", "wood"}, ranked.text
     # JSON sent as application/octet-stream (aiohttp's default for bytes) is still JSON
-    as_bytes = httpx.post(service.url + "/text_embedding", content=b'{"inputs": "a tile"}',
-                          headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    as_bytes = service.client.post("/text_embedding", content=b'{"inputs": "a tile"}',
+                                   headers={"Content-Type": "application/octet-stream"})
     assert as_bytes.status_code == 200 and len(as_bytes.json()) == 1, as_bytes.text
 
 
@@ -87,8 +92,7 @@ def test_upload_mistakes_are_400s_that_name_the_item(service):
     assert unknown.status_code == 400 and "unknown form field 'labels'" in unknown.json()["error"]
     text_as_image = post_files(service, "/image_embedding", [("image", (None, "not a file"))])
     assert text_as_image.status_code == 400 and "must be a file" in text_as_image.json()["error"]
-    empty = httpx.post(service.url + "/image_embedding", content=b"", headers={"Content-Type": "image/png"},
-                       timeout=60)
+    empty = service.client.post("/image_embedding", content=b"", headers={"Content-Type": "image/png"})
     assert empty.status_code == 400 and empty.json()["error"] == "inputs: image data is empty"
     nothing = post_files(service, "/image_embedding", data={"top_k": "1"},
                          files=[("parameters", (None, "{}"))])
@@ -99,8 +103,7 @@ def test_upload_mistakes_are_400s_that_name_the_item(service):
     quoted = post_files(service, "/zero_shot", [("image", ("a.jpg", JPEG, "image/jpeg"))],
                         data={"candidate_labels": ['"tile"', "wood"]})
     assert quoted.status_code == 200 and {r["label"] for r in quoted.json()} == {"tile", "wood"}, quoted.text
-    to_text = httpx.post(service.url + "/text_embedding", content=JPEG, headers={"Content-Type": "image/jpeg"},
-                         timeout=60)
+    to_text = service.client.post("/text_embedding", content=JPEG, headers={"Content-Type": "image/jpeg"})
     assert to_text.status_code == 400
     assert to_text.json()["error"] == "inputs: an image file was sent where text is expected"
     missing_labels = post_files(service, "/zero_shot", [("image", ("a.jpg", JPEG, "image/jpeg"))])
