@@ -253,6 +253,8 @@ def gateway() -> SiglipGateway:
     """This worker's gateway instance, for the apps and middlewares mounted beside BentoML's routes. This module's
     own rather than ``bentoml.get_current_service()`` (one per process): a test process may build several gateways
     from copies of this module, each with its settings."""
+    if not _GATEWAY:
+        raise RuntimeError("the gateway is not built yet (BentoML builds it before serving)")
     return _GATEWAY[0]
 
 
@@ -296,13 +298,13 @@ class SiglipGateway:
 
     def __init__(self) -> None:
         logging.getLogger("siglip").disabled = False
-        _GATEWAY[:] = [self]
         self.fetcher = Fetcher(FetchPolicy.from_settings(settings))
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="siglip-decode")
         self.engine = Engine(settings, BentoModelClient(self.model, settings.model_stall_timeout_s),
                              self.fetcher, self.pool,
                              on_cache=observe.metrics().text_cache)
         self.openai = OpenAIEmbeddings(self.engine, settings.model)
+        _GATEWAY[:] = [self]  # complete: what gateway() hands the mounted apps
         logger.info("Gateway worker %s ready (pid %d): %r", bentoml.server_context.worker_index, os.getpid(),
                     settings)
         address = listening_address()

@@ -139,7 +139,11 @@ def post_check(url: str, wait_s: float = 60.0, timeout_s: float = 180.0) -> dict
     with httpx.Client(timeout=timeout_s, headers=HEADERS) as client:  # a CPU server may still drain its queue
         for i, mode in enumerate(("image_embedding", "zero_shot")):
             t = time.perf_counter()
-            r = client.post(url + MODES[mode][0], content=body_for(mode, 1 - i))
+            try:
+                r = client.post(url + MODES[mode][0], content=body_for(mode, 1 - i))
+            except httpx.HTTPError as exc:  # the check's result, not the end of the run's
+                result["detail"] = f"{MODES[mode][0]} after the load: {type(exc).__name__}: {exc}"
+                return result
             result[f"{mode}_status"] = r.status_code
             if mode == "image_embedding":
                 result["image_embedding_ms"] = round(1000 * (time.perf_counter() - t), 1)

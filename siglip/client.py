@@ -11,7 +11,8 @@ no encoding on either side. Files go under ``images`` for a list of images (even
 texts under ``texts``; the parameters as one ``parameters`` JSON field. Each file is named by its path's base name,
 else ``image-<i>`` (with the extension its first bytes say), which the server's error messages quote:
 ``inputs[1] (pic.jpg): data is not a supported image ...``. When any image is a URL or a string (or a list is
-empty), the whole call is the JSON body instead, local images base64-encoded within it (``image_to_wire``).
+empty, or the options or a text are past the 1 MB a form field may hold), the whole call is the JSON body instead,
+local images base64-encoded within it (``image_to_wire``).
 Forms go through the client's own httpx client (BentoML's sends JSON only), with the same token, timeout,
 retries and errors. Each kind of image:
 
@@ -252,8 +253,12 @@ def _form(items: list[ImageFile | str], batch: bool, parameters: dict[str, Any],
     if not items or len(local) < len(items) or texts == []:
         return None
     options = json.dumps(parameters, ensure_ascii=False) if parameters else ""
-    fields_ok = all(isinstance(t, str) and len(t.encode()) <= MAX_FIELD_BYTES for t in texts or ())
-    if len(options.encode()) > MAX_FIELD_BYTES or not fields_ok:
+    try:
+        fields_ok = all(isinstance(t, str) and len(t.encode()) <= MAX_FIELD_BYTES for t in texts or ())
+        fields_ok = fields_ok and len(options.encode()) <= MAX_FIELD_BYTES
+    except UnicodeEncodeError:  # a lone surrogate (os.fsdecode's): JSON escapes it, a form field cannot carry it
+        fields_ok = False
+    if not fields_ok:
         # Past what the server reads from one form field (or not text at all): JSON, which answers as JSON does.
         return None
     # "images" is a batch even of one (the server answers in the batch shape), "image" one input.
@@ -430,7 +435,7 @@ def _probe_timeout(timeout: float, deadline: float) -> float:
 
 def json_answer(resp: httpx.Response, api: str) -> Any:
     """The JSON of an answer from ``/{api}``; any other status than 200 as ``SiglipError`` (its status and error
-    text), as BentoML's client raises them."""
+    text): the API answers 200 or an error."""
     if resp.status_code != 200:
         raise SiglipError(resp.status_code, error_text(resp.text))
     try:

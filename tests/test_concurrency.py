@@ -11,11 +11,12 @@ import asyncio
 import io
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-from conftest import b64, encode, make_image
+from conftest import TOKENS, b64, encode, make_image
 from PIL import Image
 
 N_REQUESTS = 160
@@ -177,3 +178,28 @@ def test_service_still_serves_after_the_burst(service, reference):
     assert r.status_code == 200
     assert _cos(r.json()[0]["embedding"], reference.text_embeds(["after the burst"])[0]) > 0.9999
     assert httpx.get(service.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_forwarded_jpegs_cross_the_process_boundary_in_order(authed, reference):
+    """Over a real server (the shared auth server forwards JPEGs, SIGLIP_DEVICE_DECODE=on): concurrent requests'
+    (JPEG bytes, orientation) pairs cross to the model process, where the adaptive batcher may merge them; each
+    answer is its own image, in order."""
+    assert authed.client.get("/info").json()["jpeg_decode"] == "pil"  # the gateway forwards JPEG bytes
+    images = [make_image(20 + i, size=(120, 90)) for i in range(6)]
+    blobs = [encode(im, "JPEG", quality=95) for im in images]
+    want = reference.image_embeds([Image.open(io.BytesIO(b)) for b in blobs])
+    headers = {"Authorization": f"Bearer {TOKENS[0]}"}
+
+    def embed(pair: tuple[int, int]) -> np.ndarray:
+        r = authed.client.post("/image_embedding", json={"inputs": [b64(blobs[i]) for i in pair]}, headers=headers)
+        assert r.status_code == 200, r.text
+        return np.array([row["embedding"] for row in r.json()])
+
+    pairs = [(i, (i + 1) % 6) for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:  # concurrent, so the model service batches them together
+        answers = list(pool.map(embed, pairs))
+    for pair, got in zip(pairs, answers):
+        # Each row is its own image (closest to it of all six) and matches the reference as the path's other tests
+        # require (the model side resizes on its device: not bit-equal to the processor's).
+        assert np.argmax(got @ want.T, axis=1).tolist() == list(pair)
+        assert (got * want[list(pair)]).sum(axis=1).min() > 0.999, pair

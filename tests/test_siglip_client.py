@@ -332,6 +332,14 @@ def test_local_images_go_as_a_form_and_any_string_makes_it_json(pics):
     assert mixed.form is None and mixed.inputs == [b64(pics.jpeg), pics.url]
     # a form cannot carry an empty list: JSON, so the server's answer to it is the JSON one
     assert similarity_call(pics.jpeg, []).form is None and image_embedding_call([]).form is None
+    # non-ASCII options travel as UTF-8; past the server's 1 MB per form field, a lone surrogate or a text that is
+    # not a string, the call is JSON (which answers, or refuses, as JSON does)
+    assert json.loads(zero_shot_call(pics.jpeg, ["tuile céramique"]).form.fields["parameters"]) == {
+        "candidate_labels": ["tuile céramique"]}
+    assert "céramique" in zero_shot_call(pics.jpeg, ["tuile céramique"]).form.fields["parameters"]
+    assert zero_shot_call(pics.jpeg, ["é" * 1000] * 600).form is None
+    assert zero_shot_call(pics.jpeg, ["\udcff"]).form is None
+    assert similarity_call(pics.jpeg, ["ok", 1]).form is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
