@@ -319,15 +319,21 @@ def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServicePro
         svc.stop()
 
 
+def loopback_namespace(*unshare_flags: str) -> tuple[str, ...]:
+    """A command prefix: a new network namespace (and whatever else ``unshare_flags`` ask for) with only its loopback
+    up, then exec the rest, so the process started is the command's. What runs in it may bind 0.0.0.0, and no other
+    machine can reach it or be reached from it."""
+    return ("unshare", "--net", *unshare_flags, "sh", "-c", 'ip link set lo up && exec "$0" "$@"')
+
+
 def isolated_network() -> tuple[str, ...]:
-    """A command prefix: a new network namespace with only its loopback up, then exec the rest (proc.pid stays the
-    command's). A server in it may bind 0.0.0.0 and no other machine can reach it. Skips the test without root,
-    ``unshare`` or ``ip`` (.ci/run installs util-linux and iproute2)."""
+    """``loopback_namespace()``, or the test skipped without root, ``unshare`` or ``ip`` (.ci/run installs
+    util-linux and iproute2)."""
     import shutil
 
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
         pytest.skip("needs root, unshare and ip: a network namespace of its own")
-    return ("unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" "$@"')
+    return loopback_namespace()
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import b64, cosine, encode, make_image
+from conftest import b64, cosine, encode, loopback_namespace, make_image
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -292,8 +292,8 @@ def test_exported_bento_serves_offline_and_drains_on_sigterm(extracted, fresh_ve
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     result_path = tmp_path / "result.json"
     # Both the server and its clients live in one new network namespace: loopback only.
-    run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', str(fresh_venv / "bin/python"),
-         str(PROBE), str(tmp_path / "plan.json"), str(result_path)], timeout=600, cwd=cwd, env=env)
+    run([*loopback_namespace(), str(fresh_venv / "bin/python"), str(PROBE), str(tmp_path / "plan.json"),
+         str(result_path)], timeout=600, cwd=cwd, env=env)
     result = json.loads(result_path.read_text())
     log = (tmp_path / "serve.log").read_text(errors="replace")
     assert "error" not in result, f"{result['error']}\n{log[-6000:]}"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import BROKEN, ROOT, encode, make_image
+from conftest import BROKEN, ROOT, encode, loopback_namespace, make_image
 from test_index import NOT_AN_IMAGE_400, cli, cli_json, contents, count
 
 from siglip.client import SiglipClient
@@ -209,8 +209,7 @@ def test_without_the_extra_the_command_names_it(monkeypatch, tmp_path, odd_folde
 # ---------------------------------------------------------------------------------------------------------------
 def isolated(*command: str) -> list[str]:
     """``command`` in a network namespace with loopback only, and a PID namespace that dies with it."""
-    return ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c",
-            'ip link set lo up && exec "$0" "$@"', *command]
+    return [*loopback_namespace("--pid", "--fork", "--kill-child", "--mount-proc"), *command]
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,9 @@ def upload_bodies() -> dict[str, Any]:
 
 
 def complete_openapi(document: bytes, extra: tuple[dict[str, Any], dict[str, Any]],
-                     upload_routes: frozenset[str] = frozenset()) -> bytes:
+                     upload_routes: frozenset[str], uploads: dict[str, Any]) -> bytes:
+    """BentoML's document with this project's name and version, ``extra`` (paths, schemas) and, on each of
+    ``upload_routes``, the ``uploads`` bodies (``upload_bodies()``) beside the JSON one."""
     spec = json.loads(document)
     # BentoML's description is its own banner: badge images from other hosts and links to its community.
     spec.setdefault("info", {}).update(title=f"{PROJECT} API", version=version(), description=DESCRIPTION)
@@ -135,7 +137,7 @@ def complete_openapi(document: bytes, extra: tuple[dict[str, Any], dict[str, Any
     for route in upload_routes:
         body = spec.get("paths", {}).get(route, {}).get("post", {}).get("requestBody")
         if body is not None:
-            body.setdefault("content", {}).update(upload_bodies())
+            body.setdefault("content", {}).update(uploads)
     spec.setdefault("paths", {}).update(paths)
     spec.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
     return json.dumps(spec).encode()
@@ -150,6 +152,7 @@ class DocsPage:
         self.app = app
         self.extra = extra_paths(openai_prefix, info_path, playground_path)
         self.upload_routes = upload_routes
+        self.uploads = upload_bodies()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("path") == "/docs.json" and scope.get("method") == "GET":
@@ -176,7 +179,7 @@ class DocsPage:
             await send(start)
             await send({"type": "http.response.body", "body": bytes(body)})
             return
-        document = complete_openapi(bytes(body), self.extra, self.upload_routes)
+        document = complete_openapi(bytes(body), self.extra, self.upload_routes, self.uploads)
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         await send({**start, "headers": headers + [(b"content-length", str(len(document)).encode())]})
         await send({"type": "http.response.body", "body": document})
