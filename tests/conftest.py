@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -36,14 +37,32 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="siglip-test-metrics-"))
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child process, plus ``extra``, without the PROMETHEUS_MULTIPROC_DIR set
+    above: a child that writes its metric files there mixes them into the in-process services' /metrics, and
+    children in PID namespaces of their own (Ray's), whose PIDs repeat, write into each other's files."""
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    return {**env, **extra}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoint and reference
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from siglip.model.checkpoint import build_checkpoint
+    return _tiny_checkpoint(tmp_path_factory)
 
-    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-siglip", size="tiny")
+
+_TINY: list[Path] = []
+
+
+def _tiny_checkpoint(tmp_path_factory) -> Path:
+    """The session's one tiny checkpoint, built when first asked for (by the fixture or ``pytest_sessionstart``)."""
+    if not _TINY:
+        from siglip.model.checkpoint import build_checkpoint
+
+        _TINY.append(build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-siglip", size="tiny"))
+    return _TINY[0]
 
 
 class Reference:
@@ -241,9 +260,9 @@ class ServiceProcess:
         home = log_path.parent / "bentoml-home"
         home.mkdir(exist_ok=True)
         # ...and its own OpenVINO cache, so tests never write converted models into ~/.cache.
-        inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}  # the server sets its own
-        full_env = {**inherited, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1",
-                    "BENTOML_HOME": str(home), "SIGLIP_OPENVINO_CACHE_DIR": str(home / "openvino-cache"), **env}
+        full_env = child_env(**{"BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1", "BENTOML_HOME": str(home),
+                                "SIGLIP_OPENVINO_CACHE_DIR": str(home / "openvino-cache"), **env})
+        self.home = Path(full_env["BENTOML_HOME"])
         self._client: httpx.Client | None = None
         self._log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process lifetime, closed in stop()
         # ``wrap``: a command that execs the rest (e.g. unshare + mount), so proc.pid is still bentoml's main process.
@@ -298,17 +317,24 @@ class ServiceProcess:
         self._log.close()
 
 
+def serve(tmp_path_factory, tiny_checkpoint: Path, wrap: tuple[str, ...] = (), host: str = "127.0.0.1",
+          **env: str) -> ServiceProcess:
+    return ServiceProcess({"SIGLIP_MODEL": str(tiny_checkpoint), **env},
+                          tmp_path_factory.mktemp("serve") / "serve.log", wrap, host)
+
+
 @pytest.fixture(scope="session")
 def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServiceProcess]:
     """Start a service with extra SIGLIP_* env (waiting for /readyz unless ready=False); all are stopped at the
-    end of the session."""
+    end of the session. For a server several tests share, declare a ``server_fixture`` instead."""
     started: list[ServiceProcess] = []
 
-    def start(ready: bool = True, wrap: tuple[str, ...] = (), host: str = "127.0.0.1", **env: str) -> ServiceProcess:
+    def start(ready: bool = True, wrap: tuple[str, ...] = (), host: str = "127.0.0.1",
+              adopt: ServiceProcess | None = None, **env: str) -> ServiceProcess:
         """``host`` other than loopback only with a ``wrap`` that puts the server in a network namespace of its own
-        (``isolated_network``): nothing here listens beyond loopback."""
-        svc = ServiceProcess({"SIGLIP_MODEL": str(tiny_checkpoint), **env},
-                             tmp_path_factory.mktemp("serve") / "serve.log", wrap, host)
+        (``isolated_network``): nothing here listens beyond loopback. ``adopt``: a server started with these
+        settings before the fixtures existed."""
+        svc = adopt or serve(tmp_path_factory, tiny_checkpoint, wrap, host, **env)
         started.append(svc)
         return svc.wait_ready() if ready else svc
 
@@ -317,6 +343,149 @@ def start_service(tmp_path_factory, tiny_checkpoint) -> Callable[..., ServicePro
         svc.terminate()
     for svc in started:
         svc.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shared servers, one per settings profile, each started while the tests before its first user run
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    """The settings of a real server that every test asking for the fixture ``name`` shares."""
+
+    name: str
+    env: tuple[tuple[str, str | Callable[[pytest.TempPathFactory], str]], ...]  # a callable: made at the start
+    ready: bool = True  # False: the fixture hands over the server without waiting for /readyz (nor asking it)
+
+    def settings(self, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+        return {k: v(tmp_path_factory) if callable(v) else v for k, v in self.env}
+
+
+PROFILES: dict[str, Profile] = {}  # filled as test modules are imported, so complete before the first test runs
+_FIRST_USE: list[str] = []  # profile names in the order the selected tests first ask for them
+
+
+def server_fixture(name: str, *, scope: str = "module", ready: bool = True, doc: str = "",
+                   **env: str | Callable[[pytest.TempPathFactory], str]):
+    """A fixture ``name`` serving a real server with these SIGLIP_* settings (the tiny checkpoint unless
+    SIGLIP_MODEL is set; a value may be a function of ``tmp_path_factory``, called when the server starts). Declared at module level: the session then knows, before any test runs, which profiles
+    the selected tests use and in which order, and starts the next one in the background when one is handed
+    over. A start costs ~7 s here, mostly one core importing torch, so it overlaps the tests before it."""
+    if name in PROFILES:
+        raise ValueError(f"server profile {name!r} is declared twice")
+    profile = PROFILES[name] = Profile(name, tuple(env.items()), ready)
+
+    def fixture(servers: Servers):
+        yield servers.get(profile)
+        servers.release(profile)
+
+    fixture.__doc__ = doc
+    return pytest.fixture(scope=scope, name=name)(fixture)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    _FIRST_USE.clear()
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):  # the closure: fixtures asked for through others too
+            if name in PROFILES and name not in _FIRST_USE:
+                _FIRST_USE.append(name)
+
+
+class Servers:
+    """The profile servers of the session: each started once (at the latest when first asked for), and the next
+    profile in first-use order started in the background whenever one is handed over."""
+
+    def __init__(self, start: Callable[..., ServiceProcess], tmp_path_factory: pytest.TempPathFactory):
+        self._start, self._tmp_path_factory = start, tmp_path_factory
+        self._launched: dict[str, ServiceProcess] = {}
+
+    def _launch(self, profile: Profile) -> ServiceProcess:
+        if profile.name not in self._launched:
+            early = _STARTED_WHILE_COLLECTING.pop(profile.name, None)
+            self._launched[profile.name] = self._start(ready=False, adopt=early,
+                                                       **profile.settings(self._tmp_path_factory))
+        return self._launched[profile.name]
+
+    def get(self, profile: Profile) -> ServiceProcess:
+        svc = self._launch(profile)
+        if profile.ready:
+            svc.wait_ready()
+        # Only now: two starts at once would delay the one a test waits for.
+        upcoming = next((n for n in _FIRST_USE if n not in self._launched), None)
+        if upcoming is not None:
+            self._launch(PROFILES[upcoming])
+        return svc
+
+    def release(self, profile: Profile) -> None:
+        """Its last test has run: asked to stop now (``start_service`` waits for it at the end of the session)."""
+        self._launched[profile.name].terminate()
+
+
+@pytest.fixture(scope="session")
+def servers(start_service, tmp_path_factory) -> Servers:
+    return Servers(start_service, tmp_path_factory)
+
+
+_STARTED_WHILE_COLLECTING: dict[str, ServiceProcess] = {}
+
+
+def pytest_sessionstart(session) -> None:
+    """A run of the whole suite (the configured testpaths, no test chosen by name, mark or earlier failure) starts
+    the main server as it begins to collect: every such run needs it first, and collecting takes about as long as
+    a start (both mostly one core importing torch)."""
+    config, opt = session.config, session.config.option
+    chosen = (opt.keyword, opt.markexpr, opt.collectonly, getattr(opt, "lf", False), getattr(opt, "deselect", None))
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS or any(chosen):
+        return
+    factory = config._tmp_path_factory  # what the tmp_path_factory fixture hands out (fixtures do not exist yet)
+    main = PROFILES["main_server"]
+    _STARTED_WHILE_COLLECTING[main.name] = serve(factory, _tiny_checkpoint(factory), **main.settings(factory))
+
+
+def pytest_sessionfinish(session) -> None:
+    for svc in _STARTED_WHILE_COLLECTING.values():  # started, and then no selected test asked for it
+        svc.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# slow runs that start with the session
+# ---------------------------------------------------------------------------------------------------------------
+_SESSION_STARTS: dict[str, Callable[[pytest.FixtureRequest, set[str]], Any]] = {}
+_STARTED: dict[str, Any] = {}
+
+
+def start_with_session(fixture: str):
+    """Decorator: ``start(request, tests)`` runs as the session's first test starts, if selected ``tests`` (their
+    names) ask for ``fixture``; that fixture reads what it returned with ``started(fixture)``. For runs that cross
+    process boundaries and spend most of their time waiting on one core (a Ray cluster, say): started early, they
+    use the CPU the tests before theirs leave idle. ``request`` gives session fixtures (``getfixturevalue``)."""
+    def register(start):
+        _SESSION_STARTS[fixture] = start
+        return start
+    return register
+
+
+# A command prefix for such runs: Linux's idle scheduling class, so they take only CPU time no other process wants
+# (nice 19 still takes a share from the tests, per thread, and a Ray cluster has many threads).
+BACKGROUND = ("chrt", "--idle", "0")
+
+
+def started(fixture: str) -> Any:
+    """What ``fixture``'s start returned (what it raised is raised here, in the tests that asked for it)."""
+    value = _STARTED[fixture]
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_starts(request) -> None:
+    for fixture, start in _SESSION_STARTS.items():
+        tests = {item.name for item in request.session.items if fixture in getattr(item, "fixturenames", ())}
+        if tests:
+            try:
+                _STARTED[fixture] = start(request, tests)
+            except Exception as exc:  # noqa: BLE001 - the tests that need it fail with it, not every test
+                _STARTED[fixture] = exc
 
 
 def loopback_namespace(*unshare_flags: str) -> tuple[str, ...]:
@@ -336,10 +505,9 @@ def isolated_network() -> tuple[str, ...]:
     return loopback_namespace()
 
 
-@pytest.fixture(scope="session")
-def main_server(start_service) -> ServiceProcess:
-    """The main real server: fp32 (exact parity with the reference), loopback URLs allowed."""
-    return start_service(SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1")
+main_server = server_fixture(
+    "main_server", scope="session", SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1",
+    doc="The main real server: fp32 (exact parity with the reference), loopback URLs allowed.")
 
 
 @pytest.fixture(scope="session")
@@ -452,12 +620,17 @@ def in_process(tiny_checkpoint, tmp_path_factory) -> Callable[..., InProcessServ
 TOKENS = ("tok-alpha-123", "tok-beta-456")
 
 
-@pytest.fixture(scope="session")
-def authed(start_service) -> ServiceProcess:
-    """Bearer auth with two tokens, otherwise defaults (private URLs refused), fp32: the server every module that
+authed = server_fixture(
+    "authed", scope="session", SIGLIP_API_TOKEN=",".join(TOKENS), SIGLIP_DTYPE="float32", SIGLIP_DEVICE_DECODE="on",
+    doc="""Bearer auth with two tokens, otherwise defaults (private URLs refused), fp32: the server every module that
     checks auth over a real socket shares (security, the Python client, the playground in a browser). JPEGs are
-    forwarded to the model service (SIGLIP_DEVICE_DECODE=on): that path's one test across the process boundary."""
-    return start_service(SIGLIP_API_TOKEN=",".join(TOKENS), SIGLIP_DTYPE="float32", SIGLIP_DEVICE_DECODE="on")
+    forwarded to the model service (SIGLIP_DEVICE_DECODE=on): that path's one test across the process boundary.""")
+
+
+two_workers = server_fixture(
+    "two_workers", scope="session", SIGLIP_MODEL_WORKERS="2", SIGLIP_DTYPE="float32", SIGLIP_MAX_CONNECTIONS="50",
+    doc="""Two model-service processes (fp32) behind a gateway that takes at most 50 open connections: the
+    load-sharing test (test_model_workers) and the connection cap and gateway memory tests (test_hostile).""")
 
 
 BROKEN = "broken.jpg"  # odd_folder's corrupt file

@@ -8,18 +8,17 @@ beside the HTTP ones, and every --help is checked in one interpreter.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, child_env
 
 BENCH = ROOT / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "common")
 LATENCY_KEYS = {"n", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "images_per_s"}
-ENV = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "PYTHONUNBUFFERED": "1"}
+ENV = child_env(BENTOML_DO_NOT_TRACK="True", PYTHONUNBUFFERED="1")
 TINY = ("--distinct-images", "1")
 
 # Each script's --help, run as __main__ in this one interpreter (imports are paid once, not per script).

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import b64, cosine, encode, loopback_namespace, make_image
+from conftest import b64, child_env, cosine, encode, loopback_namespace, make_image
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -51,7 +50,7 @@ pytestmark = pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -n`
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The caller's environment without SIGLIP_* (the build reads them), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGLIP_")}
+    env = {k: v for k, v in child_env().items() if not k.startswith("SIGLIP_")}
     return {**env, "BENTOML_DO_NOT_TRACK": "True", **extra}
 
 

@@ -30,6 +30,7 @@ import attr
 import httpx
 import pytest
 import yaml
+from conftest import child_env
 
 from siglip.settings import Settings
 
@@ -141,7 +142,7 @@ PROBE = textwrap.dedent("""
 
 @cache
 def _service_facts(env_items: frozenset) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGLIP_")}
+    env = {k: v for k, v in child_env().items() if not k.startswith("SIGLIP_")}
     env.update(dict(env_items), BENTOML_DO_NOT_TRACK="True")
     out = subprocess.run(
         [sys.executable, "-c", PROBE],

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import Reference, b64, cosine, encode, make_image
+from conftest import Reference, b64, cosine, encode, make_image, server_fixture
 from PIL import Image
 from test_playground import add_files, open_page, playwright_driver, set_labels, shown_bars  # noqa: F401 (fixtures)
 
@@ -42,12 +43,21 @@ CLASSES = {
 FIXED = [name for name in CLASSES if name != "naflex"]
 
 
+_BUILT: dict[str, Path] = {}
+
+
+def checkpoint(name: str, tmp_path_factory) -> Path:
+    """The family member ``name``, built once per session (the naflex server may start before this module's tests)."""
+    if name not in _BUILT:
+        from siglip.model.checkpoint import build_checkpoint
+
+        _BUILT[name] = build_checkpoint(tmp_path_factory.mktemp("family") / name, **CLASSES[name])
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from siglip.model.checkpoint import build_checkpoint
-
-    root = tmp_path_factory.mktemp("family")
-    return {name: build_checkpoint(root / name, **kw) for name, kw in CLASSES.items()}
+    return {name: checkpoint(name, tmp_path_factory) for name in CLASSES}
 
 
 @pytest.fixture(scope="module")
@@ -311,10 +321,9 @@ def test_hub_id_from_the_cache_reports_its_revision(checkpoints, tmp_path, monke
 
 
 # -- over HTTP ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def naflex_service(start_service, checkpoints):
-    return start_service(SIGLIP_MODEL=str(checkpoints["naflex"]), SIGLIP_DTYPE="float32", SIGLIP_BACKEND="torch",
-                         SIGLIP_MAX_NUM_PATCHES_LIMIT="256")
+naflex_service = server_fixture(
+    "naflex_service", SIGLIP_MODEL=lambda tmp_path_factory: str(checkpoint("naflex", tmp_path_factory)),
+    SIGLIP_DTYPE="float32", SIGLIP_BACKEND="torch", SIGLIP_MAX_NUM_PATCHES_LIMIT="256")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
-from conftest import Route, b64, cosine, encode, make_image, wait_for
+from conftest import Route, b64, cosine, encode, make_image, server_fixture, wait_for
 
 STOPS = int(os.environ.get("SIGLIP_FAULT_STOPS", "3"))
 COS_MIN = 0.999
@@ -95,13 +95,20 @@ def test_graceful_stops_under_load_lose_nothing(start_service, image_server, ref
     batch = texts("stop", 256)
     batch_ref = reference.text_embeds(batch)
     lost: list[str] = []
+
+    def start(stop: int):
+        # Every other server, the first included, makes one model call per request (SIGLIP_COALESCE_IN_FLIGHT=0):
+        # the calls after the SIGTERM then need more connections than the gateway has pooled, which is what a
+        # busy server meets and what lost requests before the fix.
+        return start_service(ready=False, SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1",
+                             SIGLIP_COALESCE_IN_FLIGHT=str(2 * (stop % 2)))
+
+    upcoming = start(0)
     with httpx.Client(timeout=120) as client, ThreadPoolExecutor(16) as pool:
         for stop in range(STOPS):
-            # Every other server, the first included, makes one model call per request (SIGLIP_COALESCE_IN_FLIGHT=0):
-            # the calls after the SIGTERM then need more connections than the gateway has pooled, which is what a
-            # busy server meets and what lost requests before the fix.
-            svc = start_service(SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1",
-                                SIGLIP_COALESCE_IN_FLIGHT=str(2 * (stop % 2)))
+            svc = upcoming.wait_ready()
+            if stop + 1 < STOPS:
+                upcoming = start(stop + 1)  # starts while this one stops
             path = f"/stop-{stop}.png"
             url = image_server.add(path, Route(encode(image), delay_s=1.5))
             n = 8 + stop % 9  # 8 to 16 requests in flight, each fetching the slow URL once: all inside at SIGTERM
@@ -133,10 +140,13 @@ def test_graceful_stops_under_load_lose_nothing(start_service, image_server, ref
 # ---------------------------------------------------------------------------------------------------------------
 # killed, frozen and abandoned: one server, faults in turn
 # ---------------------------------------------------------------------------------------------------------------
+fault_server = server_fixture("fault_server", SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1",
+                              SIGLIP_MODEL_STALL_TIMEOUT_S=str(STALL_S))
+
+
 @pytest.fixture(scope="module")
-def faulty(start_service):
-    svc = start_service(SIGLIP_DTYPE="float32", SIGLIP_ALLOW_PRIVATE_URLS="1",
-                        SIGLIP_MODEL_STALL_TIMEOUT_S=str(STALL_S))
+def faulty(fault_server):
+    svc = fault_server
     yield svc
     for name in ("SiglipModel", "SiglipGateway"):  # never leave a worker stopped
         try:
@@ -361,14 +371,17 @@ def requests_counted(svc, route: str) -> float:
                if line.startswith("siglip_requests_total{") and f'route="{route}"' in line)
 
 
-def test_two_servers_on_one_host_keep_their_own_metrics(start_service, tmp_path):
-    home = tmp_path / "shared-home"
-    first = start_service(BENTOML_HOME=str(home))
+def test_two_servers_on_one_host_keep_their_own_metrics(main_server, start_service):
+    """A second server started with the first's BENTOML_HOME (the main server's)."""
+    first = main_server
+    before = requests_counted(first, "/text_embedding")
     for i in range(3):
         assert first.post("/text_embedding", {"inputs": f"first {i}"}).status_code == 200
-    assert requests_counted(first, "/text_embedding") == 3
-    second = start_service(BENTOML_HOME=str(home))
-    assert requests_counted(first, "/text_embedding") == 3, "the second start wiped the first server's metrics"
+    assert requests_counted(first, "/text_embedding") == before + 3
+    second = start_service(BENTOML_HOME=str(first.home))
+    assert requests_counted(first, "/text_embedding") == before + 3, "the second start wiped the first's metrics"
     assert requests_counted(second, "/text_embedding") == 0
     assert second.post("/text_embedding", {"inputs": "second"}).status_code == 200
-    assert (requests_counted(first, "/text_embedding"), requests_counted(second, "/text_embedding")) == (3, 1)
+    assert (requests_counted(first, "/text_embedding"), requests_counted(second, "/text_embedding")) == (before + 3, 1)
+    second.stop()
+    assert requests_counted(first, "/text_embedding") == before + 3, "the second's exit took the first's metrics"

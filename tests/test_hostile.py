@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 import psutil
 import pytest
-from conftest import Route, b64, encode, make_image
+from conftest import Route, b64, encode, make_image, server_fixture
 from PIL import Image
 
 TOKEN = "hostile-token-1"
@@ -34,20 +34,17 @@ BODY_TIMEOUT_S = 1.5
 MAX_BODY = 4_000_000
 
 
-@pytest.fixture(scope="module")
-def hostile(start_service):
-    """Auth on, two run slots and two upload slots, short header and body timeouts, a long request deadline
-    (so anything answered quickly was answered by the new limits, not by the deadline)."""
-    return start_service(
-        SIGLIP_API_TOKEN=TOKEN, SIGLIP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S), SIGLIP_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
-        SIGLIP_MAX_CONCURRENCY="2", SIGLIP_MAX_UPLOADS="2", SIGLIP_REQUEST_TIMEOUT_S="30",
-        SIGLIP_MAX_BODY_BYTES=str(MAX_BODY), SIGLIP_ALLOW_PRIVATE_URLS="1")
-
+hostile = server_fixture(
+    "hostile", SIGLIP_API_TOKEN=TOKEN, SIGLIP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
+    SIGLIP_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S), SIGLIP_MAX_CONCURRENCY="2", SIGLIP_MAX_UPLOADS="2",
+    SIGLIP_REQUEST_TIMEOUT_S="30", SIGLIP_MAX_BODY_BYTES=str(MAX_BODY), SIGLIP_ALLOW_PRIVATE_URLS="1",
+    doc="""Auth on, two run slots and two upload slots, short header and body timeouts, a long request deadline
+    (so anything answered quickly was answered by the new limits, not by the deadline).""")
 
 @pytest.fixture(scope="module")
-def capped(start_service):
-    """Defaults, except at most 50 open connections per worker."""
-    return start_service(SIGLIP_MAX_CONNECTIONS="50")
+def capped(two_workers):
+    """At most 50 open connections per gateway worker (the shared ``two_workers`` server)."""
+    return two_workers
 
 
 def connect(svc, timeout: float = 10.0) -> socket.socket:

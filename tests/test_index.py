@@ -9,7 +9,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import random
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pytest
-from conftest import BROKEN, ROOT, encode, free_port, make_image
+from conftest import BROKEN, ROOT, child_env, encode, free_port, make_image, server_fixture
 
 from siglip.client import SiglipClient
 from siglip.index.build import Backoff, Window, plan
@@ -85,7 +84,7 @@ def cli_json(*args) -> tuple[int, dict | list]:
 
 def spawn(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "siglip.index", *map(str, args)], cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            env=child_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -322,8 +321,11 @@ def test_csv_source_with_named_columns(service, image_server, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # overload and setup errors
 # ---------------------------------------------------------------------------------------------------------------
-def test_429s_are_retried_until_the_build_completes(start_service, catalog, expected, tmp_path):
-    busy = start_service(SIGLIP_DTYPE="float32", SIGLIP_MAX_CONCURRENCY="1")
+busy = server_fixture("busy", SIGLIP_DTYPE="float32", SIGLIP_MAX_CONCURRENCY="1",
+                      doc="One request at a time: a build with more in flight meets 429s.")
+
+
+def test_429s_are_retried_until_the_build_completes(busy, catalog, expected, tmp_path):
     folder = catalog.root / "a" / "b"
     db = tmp_path / "db"
     rc, summary = cli_json("build", folder, "--db", db, "--server", busy.url, "--batch-size", 2,

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import b64, encode, isolated_network, make_image, wait_for
+from conftest import b64, encode, isolated_network, make_image, server_fixture, wait_for
 
 READY_WATCH_S = 5.0  # how long /readyz must stay 503 once the gateway is up
 FAILURE_DEADLINE_S = 120.0  # the load failure must be reported within this
@@ -39,11 +39,10 @@ def test_good_service_log_names_checkpoint_device_and_dtype(service, tiny_checkp
 CAUSE = "checkpoint directory /nonexistent/dir does not exist (SIGLIP_MODEL)"
 
 
-@pytest.fixture(scope="module")
-def broken(start_service):
-    svc = start_service(ready=False, SIGLIP_MODEL="/nonexistent/dir")
-    yield svc
-    svc.stop()
+broken = server_fixture(
+    "broken", ready=False, SIGLIP_MODEL="/nonexistent/dir", SIGLIP_KEEP_ALIVE_S="0",
+    doc="""A model that cannot load; and BentoML's own keep-alive (SIGLIP_KEEP_ALIVE_S=0), which a gateway without
+    a model serves as well as one with.""")
 
 
 def test_model_that_cannot_load_keeps_service_not_ready(broken):
@@ -162,11 +161,12 @@ def _get_twice(conns: list[http.client.HTTPConnection], idle_s: float) -> list[b
     return alive
 
 
-def test_idle_connections_outlive_clients_pool_expiry(service, start_service):
+def test_idle_connections_outlive_clients_pool_expiry(service, broken):
     """SIGLIP_KEEP_ALIVE_S (75 s) replaces BentoML's 5 s keep-alive, which raced clients' own 5 s pool expiry
-    and reset ~0.5% of requests under load; SIGLIP_KEEP_ALIVE_S=0 keeps BentoML's value."""
-    bentoml_default = start_service(SIGLIP_KEEP_ALIVE_S="0")
-    conns = [http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10) for svc in (service, bentoml_default)]
+    and reset ~0.5% of requests under load; SIGLIP_KEEP_ALIVE_S=0 (the ``broken`` server) keeps BentoML's
+    value."""
+    wait_for(lambda: _get(broken.url + "/livez") == 200, 120, "gateway answering /livez", broken.log)
+    conns = [http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10) for svc in (service, broken)]
     assert _get_twice(conns, idle_s=6.5) == [True, False]
 
 

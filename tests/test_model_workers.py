@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 
 
-def test_two_model_workers_share_the_load_correctly(start_service, reference):
-    svc = start_service(SIGLIP_MODEL_WORKERS="2", SIGLIP_DTYPE="float32")
+def test_two_model_workers_share_the_load_correctly(two_workers, reference):
+    svc = two_workers
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not all(f"SiglipModel:{i}] Loaded" in svc.log() for i in (1, 2)):
         time.sleep(0.2)

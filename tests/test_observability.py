@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Route, b64, encode, make_image
+from conftest import Route, b64, encode, make_image, server_fixture
 from prometheus_client.parser import text_string_to_metric_families
 
 TOKEN = "obs-token-8c1d"
@@ -191,10 +191,13 @@ def test_docs_page_has_no_tag_manager_and_loads_only_local_assets(service):
     assert "https://" not in page and "http://" not in page
 
 
-def test_model_info_reaches_metrics_without_readiness_probes(start_service):
+unprobed = server_fixture("unprobed", ready=False, doc="Defaults, and nothing here asks its /readyz.")
+
+
+def test_model_info_reaches_metrics_without_readiness_probes(unprobed):
     """Found in review: the info was recorded while the batchers trained, which only a /readyz poll starts, so a
     plain `docker run` never said which backend or decode path ran."""
-    svc = start_service(ready=False)
+    svc = unprobed
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and "Loaded " not in svc.log():
         time.sleep(0.25)  # the model service logs this line when its model is loaded; /readyz is never asked

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, b64, encode, make_image
+from conftest import BACKGROUND, ROOT, b64, child_env, encode, make_image, start_with_session, started
 from PIL import Image
 
 from siglip.model import openvino_backend as ovb
@@ -251,15 +251,39 @@ print("BACKEND", enc.info.backend, flush=True)
 """
 
 
-def test_two_workers_starting_together_share_one_entry(tiny_checkpoint, tmp_path):
-    script = CONVERT_SCRIPT.format(root=str(ROOT), ckpt=str(tiny_checkpoint), cache=str(tmp_path / "cache"))
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0 and "BACKEND openvino" in out, out[-3000:]
-    [name] = entries(tmp_path / "cache")  # one entry, no temporary directories left
-    assert (tmp_path / "cache" / name / "meta.json").exists()
+@start_with_session("two_starting")
+def start_two_workers(request, tests: set[str]) -> tuple[Path, list[tuple[subprocess.Popen, Path]]]:
+    """Two processes loading the tiny checkpoint on OpenVINO into one empty cache at once, as two model workers
+    starting together do: started with the session in the idle scheduling class (mostly importing, they run in the
+    time the tests before leave idle)."""
+    tmp = request.getfixturevalue("tmp_path_factory").mktemp("two-workers")
+    script = CONVERT_SCRIPT.format(root=str(ROOT), ckpt=str(request.getfixturevalue("tiny_checkpoint")),
+                                   cache=str(tmp / "cache"))
+    procs = []
+    for i in range(2):
+        with open(tmp / f"worker{i}.out", "w") as out:  # a file: a full pipe would stall it until the test reads
+            procs.append((subprocess.Popen([*BACKGROUND, sys.executable, "-c", script], stdout=out,
+                                           stderr=subprocess.STDOUT, env=child_env()), Path(out.name)))
+    return tmp / "cache", procs
+
+
+@pytest.fixture(scope="module")
+def two_starting():
+    cache, procs = started("two_starting")
+    yield cache, procs
+    for proc, _ in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_two_workers_starting_together_share_one_entry(two_starting):
+    cache, procs = two_starting
+    for proc, out in procs:
+        proc.wait(timeout=300)
+        assert proc.returncode == 0 and "BACKEND openvino" in out.read_text(), out.read_text()[-3000:]
+    [name] = entries(cache)  # one entry, no temporary directories left
+    assert (cache / name / "meta.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

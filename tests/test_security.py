@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, TOKENS, Route, b64, encode, make_image
+from conftest import ROOT, TOKENS, Route, b64, encode, make_image, server_fixture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,15 +47,13 @@ def fuzz(in_process):
     return in_process(SIGLIP_URL_ALLOWLIST="127.0.0.1")
 
 
-@pytest.fixture(scope="module")
-def limited(start_service):
-    """Small limits so each can be crossed cheaply; loopback URLs allowed so slow URLs can be served, and only
-    127.0.0.1, so a URL schemathesis makes up is refused before any DNS lookup or connection."""
-    return start_service(
-        SIGLIP_ALLOW_PRIVATE_URLS="1", SIGLIP_URL_ALLOWLIST="127.0.0.1", SIGLIP_MAX_IMAGE_PIXELS="1000000", SIGLIP_MAX_CONCURRENCY="2",
-        SIGLIP_REQUEST_TIMEOUT_S="3", SIGLIP_FETCH_TOTAL_TIMEOUT_S="1.5", SIGLIP_MAX_PARALLEL_FETCHES="1",
-        SIGLIP_MAX_IMAGES_PER_REQUEST="4", SIGLIP_MAX_TEXTS_PER_REQUEST="5", SIGLIP_MAX_TEXT_CHARS="50",
-        SIGLIP_MAX_BODY_BYTES="2000000", SIGLIP_MAX_IMAGE_BYTES="1000000")
+limited = server_fixture(
+    "limited", SIGLIP_ALLOW_PRIVATE_URLS="1", SIGLIP_URL_ALLOWLIST="127.0.0.1", SIGLIP_MAX_IMAGE_PIXELS="1000000",
+    SIGLIP_MAX_CONCURRENCY="2", SIGLIP_REQUEST_TIMEOUT_S="3", SIGLIP_FETCH_TOTAL_TIMEOUT_S="1.5",
+    SIGLIP_MAX_PARALLEL_FETCHES="1", SIGLIP_MAX_IMAGES_PER_REQUEST="4", SIGLIP_MAX_TEXTS_PER_REQUEST="5",
+    SIGLIP_MAX_TEXT_CHARS="50", SIGLIP_MAX_BODY_BYTES="2000000", SIGLIP_MAX_IMAGE_BYTES="1000000",
+    doc="""Small limits so each can be crossed cheaply; loopback URLs allowed so slow URLs can be served, and only
+    127.0.0.1, so a URL schemathesis makes up is refused before any DNS lookup or connection.""")
 
 
 def post(svc, path, body, headers=AUTH, **kw):
