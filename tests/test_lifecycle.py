@@ -166,6 +166,8 @@ def test_idle_connections_outlive_clients_pool_expiry(service, broken):
     and reset ~0.5% of requests under load; SIGLIP_KEEP_ALIVE_S=0 (the ``broken`` server) keeps BentoML's
     value."""
     wait_for(lambda: _get(broken.url + "/livez") == 200, 120, "gateway answering /livez", broken.log)
+    # Its gateway keeps a connection for the next request (so what closes it below is the keep-alive's end)...
+    assert _get_twice([http.client.HTTPConnection("127.0.0.1", broken.port, timeout=10)], idle_s=0) == [True]
     conns = [http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10) for svc in (service, broken)]
     assert _get_twice(conns, idle_s=6.5) == [True, False]
 

@@ -17,7 +17,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BACKGROUND, ROOT, b64, child_env, encode, make_image, start_with_session, started
+from conftest import (
+    BACKGROUND,
+    ROOT,
+    b64,
+    child_env,
+    encode,
+    make_image,
+    start_with_session,
+    started,
+    to_the_front,
+)
 from PIL import Image
 
 from siglip.model import openvino_backend as ovb
@@ -254,31 +264,39 @@ print("BACKEND", enc.info.backend, flush=True)
 @start_with_session("two_starting")
 def start_two_workers(request, tests: set[str]) -> tuple[Path, list[tuple[subprocess.Popen, Path]]]:
     """Two processes loading the tiny checkpoint on OpenVINO into one empty cache at once, as two model workers
-    starting together do: started with the session in the idle scheduling class (mostly importing, they run in the
-    time the tests before leave idle)."""
+    starting together do: started with the session at a lower priority (``BACKGROUND``: mostly importing, they
+    run in the time the tests before leave idle)."""
     tmp = request.getfixturevalue("tmp_path_factory").mktemp("two-workers")
     script = CONVERT_SCRIPT.format(root=str(ROOT), ckpt=str(request.getfixturevalue("tiny_checkpoint")),
                                    cache=str(tmp / "cache"))
     procs = []
     for i in range(2):
         with open(tmp / f"worker{i}.out", "w") as out:  # a file: a full pipe would stall it until the test reads
-            procs.append((subprocess.Popen([*BACKGROUND, sys.executable, "-c", script], stdout=out,
-                                           stderr=subprocess.STDOUT, env=child_env()), Path(out.name)))
+            proc = subprocess.Popen([*BACKGROUND, sys.executable, "-c", script], stdout=out,
+                                    stderr=subprocess.STDOUT, env=child_env())
+        procs.append((proc, Path(out.name)))
+        request.addfinalizer(lambda proc=proc: stop(proc))
     return tmp / "cache", procs
 
 
-@pytest.fixture(scope="module")
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
 def two_starting():
     cache, procs = started("two_starting")
     yield cache, procs
     for proc, _ in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def test_two_workers_starting_together_share_one_entry(two_starting):
     cache, procs = two_starting
+    for proc, _ in procs:
+        to_the_front(proc.pid)
     for proc, out in procs:
         proc.wait(timeout=300)
         assert proc.returncode == 0 and "BACKEND openvino" in out.read_text(), out.read_text()[-3000:]

@@ -12,7 +12,6 @@ import collections
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,12 +26,14 @@ from conftest import (
     BACKGROUND,
     BROKEN,
     ROOT,
+    can_isolate,
     child_env,
     encode,
     loopback_namespace,
     make_image,
     start_with_session,
     started,
+    to_the_front,
 )
 from test_index import NOT_AN_IMAGE_400, cli, cli_json, contents, count
 
@@ -223,10 +224,6 @@ def isolated(*command: str) -> list[str]:
     return [*loopback_namespace("--pid", "--fork", "--kill-child", "--mount-proc"), *command]
 
 
-def can_isolate() -> bool:
-    return os.geteuid() == 0 and bool(shutil.which("unshare")) and bool(shutil.which("ip"))
-
-
 def ray_environment(tiny_checkpoint: Path) -> dict[str, str]:
     env = {k: v for k, v in child_env().items() if not k.startswith("RAY_")}
     return {**env, "SIGLIP_MODEL": str(tiny_checkpoint), "SIGLIP_DTYPE": "float32", "BENTOML_DO_NOT_TRACK": "True",
@@ -234,24 +231,23 @@ def ray_environment(tiny_checkpoint: Path) -> dict[str, str]:
 
 
 class RayRun:
-    """A command in namespaces of its own (``isolated``), started now; its output goes to files (a full pipe would
-    stall it), read once it has exited. ``background``: in the idle scheduling class (``BACKGROUND``), so that a run
-    started ahead of its test takes the CPU the tests running meanwhile leave idle, not theirs."""
+    """A command in namespaces of its own (``isolated``), started now at a lower CPU priority (``BACKGROUND``: it
+    runs ahead of its test, in the CPU the tests meanwhile leave idle); its output goes to files (a full pipe would
+    stall it), read once it has exited. The deadline counts from when a test starts waiting on it."""
 
-    def __init__(self, name: str, command: list[str], env: dict, workdir: Path, cwd: Path = ROOT,
-                 background: bool = False):
+    def __init__(self, name: str, command: list[str], env: dict, workdir: Path, cwd: Path = ROOT):
         self.name, self.out, self.err = name, workdir / f"{name}.out", workdir / f"{name}.err"
-        self.deadline = time.monotonic() + BUILD_TIMEOUT_S
-        if background:  # starved for a while by the tests in front: Ray must not give up on its own processes
-            env = {**env, "RAY_health_check_failure_threshold": "1000", "RAY_worker_register_timeout_seconds": "600"}
-        prefix = BACKGROUND if background else ()
+        # Slowed down on purpose while the tests in front run: Ray must not give up on its own processes.
+        env = {**env, "RAY_health_check_failure_threshold": "1000", "RAY_worker_register_timeout_seconds": "600",
+               "RAY_gcs_server_port_wait_time_s": "600"}
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(isolated(*prefix, *command), env=env, cwd=cwd, stdout=out, stderr=err)
+            self.proc = subprocess.Popen(isolated(*BACKGROUND, *command), env=env, cwd=cwd, stdout=out, stderr=err)
 
     def wait(self) -> tuple[int, str, str]:
         """(exit status, stdout, stderr) once it exits; killed (with everything in its namespace) at the deadline."""
+        to_the_front(self.proc.pid)
         try:
-            self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+            self.proc.wait(timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.kill()
             pytest.fail(f"{self.name} still running after {BUILD_TIMEOUT_S} s:\n{self.err.read_text()[-4000:]}")
@@ -276,14 +272,14 @@ def index_command(*args) -> list[str]:
     return [sys.executable, "-m", "siglip.index", "build", *map(str, args), "--engine", "ray", "--quiet"]
 
 
-def ray_build(env: dict, workdir: Path, *args, background: bool = False) -> RayRun:
-    return RayRun("build", index_command(*args, "--json"), env, workdir, background=background)
+def ray_build(env: dict, workdir: Path, *args) -> RayRun:
+    return RayRun("build", index_command(*args, "--json"), env, workdir)
 
 
 class StuckBuild:
     """A build over 22 images in shards of 4 whose last image is a FIFO nobody writes: its last shard never
     finishes, so the build runs until it is killed. A thread takes it through the scenario as soon as a shard is
-    committed (the build started ahead of its test, the kill and the rerun follow it there): it notes where the
+    committed (the build starts ahead of its test, and the kill and the rerun follow it there): it notes where the
     cluster listens, SIGKILLs the build, notes the ids in the table, writes the missing image and starts the
     rerun. ``finish`` hands the test what it noted."""
 
@@ -304,11 +300,14 @@ class StuckBuild:
         self.db = tmp_path / "db"
         self.args = [listing, "--db", self.db, "--shard-size", self.shard, "--commit-every", "1", "--batch-size", "2"]
         self.env, self.tmp_path = env, tmp_path
-        self.run = RayRun("stuck", index_command(*self.args), env, tmp_path, background=True)
+        self.run = RayRun("stuck", index_command(*self.args), env, tmp_path)
         self.listening: list[str] = []
         self.kept_ids: list[str] = []
         self.rerun: RayRun | None = None
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._deadline: float | None = None  # set by finish(): until a test waits, the build may take its time
         self._thread = threading.Thread(target=self._scenario, daemon=True)
         self._thread.start()
 
@@ -316,7 +315,8 @@ class StuckBuild:
         try:
             try:
                 while count(self.db) == 0:  # the stuck shard never finishes: the build cannot end before the kill
-                    if self.run.proc.poll() is not None or time.monotonic() > self.run.deadline:
+                    late = self._deadline is not None and time.monotonic() > self._deadline
+                    if self.run.proc.poll() is not None or late or self._stopped:
                         raise AssertionError(f"no shard committed (exit {self.run.proc.returncode}):\n"
                                              f"{self.run.err.read_text()[-4000:]}")
                     time.sleep(0.2)
@@ -327,22 +327,29 @@ class StuckBuild:
                                                 capture_output=True, text=True, check=True).stdout.split("\n")
             finally:
                 self.run.kill()  # always (the FIFO would keep it running forever)
+            psutil.wait_procs([driver], timeout=60)  # its last writes, if any, are in the table before it is read
             self.kept_ids = contents(self.db)[0]
             stuck = self.paths[-1]
             stuck.unlink()
             stuck.write_bytes(encode(make_image(99, (40, 30)), "JPEG"))
-            self.rerun = ray_build(self.env, self.tmp_path, *self.args, background=True)
+            with self._lock:
+                if not self._stopped:
+                    self.rerun = ray_build(self.env, self.tmp_path, *self.args)
         except BaseException as exc:  # noqa: BLE001 - raised in the test, by finish()
             self._error = exc
 
     def finish(self) -> StuckBuild:
-        self._thread.join(timeout=BUILD_TIMEOUT_S)
+        self._deadline = time.monotonic() + BUILD_TIMEOUT_S
+        to_the_front(self.run.proc.pid)
+        self._thread.join(timeout=BUILD_TIMEOUT_S + 60)
         if self._error is not None:
             raise self._error
         assert not self._thread.is_alive(), "the scenario is still running"
         return self
 
     def kill(self) -> None:
+        with self._lock:
+            self._stopped = True
         self.run.kill()
         if self.rerun is not None:
             self.rerun.kill()
@@ -361,7 +368,7 @@ def other_model_build(env: dict, odd_folder: Path, tmp_path: Path) -> RayRun:
         rc, summary = cli_json("build", odd_folder, "--db", db, "--engine", "local", "--quiet")
     assert rc == 3 and summary["added"] == 4, summary
     # broken.jpg failed, so the rerun has an item to embed and loads the model
-    return ray_build({**env, "SIGLIP_MODEL": str(other)}, tmp_path, odd_folder, "--db", db, background=True)
+    return ray_build({**env, "SIGLIP_MODEL": str(other)}, tmp_path, odd_folder, "--db", db)
 
 
 def readme_example(env: dict, odd_folder: Path, tmp_path: Path) -> RayRun:
@@ -371,14 +378,14 @@ def readme_example(env: dict, odd_folder: Path, tmp_path: Path) -> RayRun:
                            tmp_path / "manifest.parquet")
     script = tmp_path / "example.py"
     script.write_text(readme_python_example())
-    return RayRun("example", [sys.executable, str(script)], env, tmp_path, cwd=tmp_path, background=True)
+    return RayRun("example", [sys.executable, str(script)], env, tmp_path, cwd=tmp_path)
 
 
-@start_with_session("ray_runs")
+@start_with_session("ray_run")
 def start_ray_runs(request, tests: set[str]) -> dict[str, object]:
     """The whole Ray runs this module checks, started with the session (for the selected tests only, and none
     without the namespaces they need): each is mostly one core waiting on Ray's processes, so they run in the time
-    the tests before this module leave idle. Each test reads its own."""
+    the tests before this module leave idle. Each test reads its own (or what its start raised)."""
     if not can_isolate():
         return {}
     odd_folder = request.getfixturevalue("odd_folder")
@@ -386,34 +393,43 @@ def start_ray_runs(request, tests: set[str]) -> dict[str, object]:
     starts = {
         "test_ray_build_equals_the_service_and_the_local_engine": lambda tmp: ray_build(
             env, tmp, odd_folder, "--db", tmp / "db", "--actors", "2", "--batch-size", "2", "--shard-size", "2",
-            "--commit-every", "1", background=True),
+            "--commit-every", "1"),
         "test_a_table_of_another_model_is_refused": lambda tmp: other_model_build(env, odd_folder, tmp),
         "test_a_killed_driver_costs_only_the_shards_in_flight": lambda tmp: StuckBuild(env, tmp),
         "test_the_readme_python_api_example_runs_as_written": lambda tmp: readme_example(env, odd_folder, tmp),
     }
     tmp_path_factory = request.getfixturevalue("tmp_path_factory")
-    return {test: start(tmp_path_factory.mktemp("ray-run")) for test, start in starts.items() if test in tests}
+    runs: dict[str, object] = {}
+    for test, start in starts.items():
+        if test in tests:
+            try:
+                runs[test] = start(tmp_path_factory.mktemp("ray-run"))
+                request.addfinalizer(runs[test].kill)  # whatever its test did not get to stop
+            except Exception as exc:  # noqa: BLE001 - its test fails with it
+                runs[test] = exc
+    return runs
 
 
-@pytest.fixture(scope="module")
-def ray_runs() -> dict[str, object]:
+@pytest.fixture
+def ray_run(request):
+    """This test's run, started with the session."""
     if not can_isolate():
         pytest.fail("these tests run Ray in namespaces of its own: they need root, unshare and ip (.ci/run "
                     "installs util-linux and iproute2)")
-    runs = started("ray_runs")
-    yield runs
-    for run in runs.values():  # whatever a failed test left running
-        run.kill()
+    run = started("ray_run")[request.node.name]
+    if isinstance(run, BaseException):
+        raise run
+    yield run
+    run.kill()
 
 
-def test_ray_build_equals_the_service_and_the_local_engine(ray_runs, request, odd_folder, service, service_vectors,
+def test_ray_build_equals_the_service_and_the_local_engine(ray_run, odd_folder, service, service_vectors,
                                                             tiny_checkpoint, monkeypatch, tmp_path):
     """A folder with EXIF-rotated, CMYK, palette and corrupt images, two actors on this 2-CPU machine (the fit that
     keeps Ray from hanging): the service's vectors, the corrupt file in the failures table with the service's
     error, the local engine's fingerprint; then finalize leaves a table the service's queries search."""
-    run = ray_runs[request.node.name]
-    rc, summary, err = run.summary()
-    db = run.out.parent / "db"
+    rc, summary, err = ray_run.summary()
+    db = ray_run.out.parent / "db"
     assert rc == 3, err[-4000:]
     assert summary["added"] == 4 and summary["shards_done"] == summary["shards"] == 3
     assert [(f["id"], f["status"]) for f in summary["failed"]] == [(BROKEN, 400)]
@@ -440,19 +456,18 @@ def test_ray_build_equals_the_service_and_the_local_engine(ray_runs, request, od
     assert rc == 0 and hits[0]["id"] == "plain.png" and hits[0]["score"] > 0.9999
 
 
-def test_a_table_of_another_model_is_refused(ray_runs, request):
-    run = ray_runs[request.node.name]
-    rc, summary, err = run.summary()
-    db = run.out.parent / "db"
+def test_a_table_of_another_model_is_refused(ray_run):
+    rc, summary, err = ray_run.summary()
+    db = ray_run.out.parent / "db"
     assert rc == 1 and summary["added"] == 0 and count(db) == 4, err[-4000:]
     assert ("holds embeddings of tiny-siglip (SigLIP 2, 64x64, 32-dim), but this build uses other-siglip (SigLIP 2, "
             "48x48, 32-dim)") in summary["error"]
 
 
-def test_a_killed_driver_costs_only_the_shards_in_flight(ray_runs, request):
+def test_a_killed_driver_costs_only_the_shards_in_flight(ray_run):
     """SIGKILL while the last shard waits on an image that never comes: the table holds whole shards only; the
     rerun embeds exactly the shards that are missing, and every id is there once."""
-    build: StuckBuild = ray_runs[request.node.name].finish()
+    build: StuckBuild = ray_run.finish()
     # The local cluster listened on its namespace's loopback only (inside it, a port bound to every interface would
     # show as 0.0.0.0 or *).
     addresses = {line.split()[3].rsplit(":", 1)[0] for line in build.listening if line.strip()}
@@ -478,12 +493,11 @@ def readme_python_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
-def test_the_readme_python_api_example_runs_as_written(ray_runs, request, service_vectors):
+def test_the_readme_python_api_example_runs_as_written(ray_run, service_vectors):
     """docs/indexer.md's example over a Parquet manifest of ids and image bytes gives the service's vectors."""
-    run = ray_runs[request.node.name]
-    rc, _, err = run.wait()
+    rc, _, err = ray_run.wait()
     assert rc == 0, err[-4000:]
-    out = pa.parquet.read_table(run.out.parent / "embeddings").to_pylist()
+    out = pa.parquet.read_table(ray_run.out.parent / "embeddings").to_pylist()
     got = {r["id"]: r for r in out}
     assert sorted(got) == sorted(service_vectors)  # the corrupt image is filtered out by the example
     for name, vector in service_vectors.items():
