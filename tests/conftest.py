@@ -383,10 +383,10 @@ def server_fixture(name: str, *, scope: str = "module", ready: bool = True, doc:
     return pytest.fixture(scope=scope, name=name)(fixture)
 
 
-@pytest.hookimpl(trylast=True)  # after -k, -m and --deselect have dropped what will not run
-def pytest_collection_modifyitems(session, config, items) -> None:
+def pytest_collection_finish(session) -> None:
+    """(After every reordering and deselection: -k, -m, --lf, --ff.)"""
     _FIRST_USE.clear()
-    for item in items:
+    for item in session.items:
         for name in getattr(item, "fixturenames", ()):  # the closure: fixtures asked for through others too
             if name in PROFILES and name not in _FIRST_USE:
                 _FIRST_USE.append(name)
@@ -411,7 +411,7 @@ class Servers:
                 self._launched[profile.name] = exc
         launched = self._launched[profile.name]
         if isinstance(launched, BaseException):
-            raise launched
+            raise RuntimeError(f"server profile {profile.name!r} did not start") from launched  # noqa: TRY004
         return launched
 
     def get(self, profile: Profile) -> ServiceProcess:
@@ -496,7 +496,8 @@ def to_the_front(pid: int) -> None:
         return
     for proc in procs:
         with contextlib.suppress(OSError, psutil.Error):  # gone, or not ours to raise (not root)
-            os.setpriority(os.PRIO_PROCESS, proc.pid, 0)
+            for thread in proc.threads():  # Linux keeps a nice value per thread
+                os.setpriority(os.PRIO_PROCESS, thread.id, 0)
 
 
 def started(fixture: str) -> Any:

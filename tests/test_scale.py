@@ -327,7 +327,11 @@ class StuckBuild:
                                                 capture_output=True, text=True, check=True).stdout.split("\n")
             finally:
                 self.run.kill()  # always (the FIFO would keep it running forever)
-            psutil.wait_procs([driver], timeout=60)  # its last writes, if any, are in the table before it is read
+            gone = time.monotonic() + 60  # its last writes, if any, are in the table before it is read
+            while alive(driver):
+                if time.monotonic() > gone:
+                    raise AssertionError(f"the killed driver (pid {driver.pid}) is still running")
+                time.sleep(0.1)
             self.kept_ids = contents(self.db)[0]
             stuck = self.paths[-1]
             stuck.unlink()
@@ -341,7 +345,7 @@ class StuckBuild:
     def finish(self) -> StuckBuild:
         self._deadline = time.monotonic() + BUILD_TIMEOUT_S
         to_the_front(self.run.proc.pid)
-        self._thread.join(timeout=BUILD_TIMEOUT_S + 60)
+        self._thread.join(timeout=BUILD_TIMEOUT_S + 180)  # the commit, the kill, the driver's exit
         if self._error is not None:
             raise self._error
         assert not self._thread.is_alive(), "the scenario is still running"
@@ -353,6 +357,16 @@ class StuckBuild:
         self.run.kill()
         if self.rerun is not None:
             self.rerun.kill()
+
+
+def alive(proc) -> bool:
+    """Running, and not a zombie (a process whose parent was killed may wait a while for init to reap it)."""
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def other_model_build(env: dict, odd_folder: Path, tmp_path: Path) -> RayRun:
@@ -405,8 +419,8 @@ def start_ray_runs(request, tests: set[str]) -> dict[str, object]:
             try:
                 runs[test] = start(tmp_path_factory.mktemp("ray-run"))
                 request.addfinalizer(runs[test].kill)  # whatever its test did not get to stop
-            except Exception as exc:  # noqa: BLE001 - its test fails with it
-                runs[test] = exc
+            except (Exception, pytest.fail.Exception, pytest.skip.Exception) as exc:  # noqa: BLE001
+                runs[test] = exc  # its test fails with it
     return runs
 
 
