@@ -159,8 +159,15 @@ def wait_for(predicate: Callable, deadline_s: float, what: str, log: Callable[[]
 
 
 def cosine(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    """Of two vectors (any shape holding one vector: (D,) or (1, D))."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def cosine_rows(a, b) -> np.ndarray:
+    """Row by row, of two (N, D) arrays."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import io
 import bentoml
 import numpy as np
 import pytest
-from conftest import b64, encode, make_image
+from conftest import b64, cosine, encode, make_image
 from PIL import Image
 
 LABELS = ["ceramic floor tile", "wood laminate plank", "heat pump outdoor unit", "company logo"]
@@ -31,11 +31,6 @@ def pics(image_server):
         img.load()
         out.append((url, b64(data), img))
     return out
-
-
-def _cos(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def _assert_ranked(result, expected) -> None:
@@ -68,17 +63,17 @@ def test_client_image_embedding(client, pics, reference):
     expected = reference.image_embeds([p[2] for p in pics])
     assert len(result) == 3
     for item, ref in zip(result, expected):
-        assert len(item["embedding"]) == 32 and _cos(item["embedding"], ref) > 0.9999
+        assert len(item["embedding"]) == 32 and cosine(item["embedding"], ref) > 0.9999
     # parameters is optional on a per-mode API.
     single = client.image_embedding(inputs=pics[1][1])
-    assert len(single) == 1 and _cos(single[0]["embedding"], expected[1]) > 0.9999
+    assert len(single) == 1 and cosine(single[0]["embedding"], expected[1]) > 0.9999
 
 
 def test_client_text_embedding(client, reference):
     result = client.text_embedding(inputs=TEXTS)
     assert len(result) == 3
     for item, ref in zip(result, reference.text_embeds(TEXTS)):
-        assert len(item["embedding"]) == 32 and _cos(item["embedding"], ref) > 0.9999
+        assert len(item["embedding"]) == 32 and cosine(item["embedding"], ref) > 0.9999
 
 
 def test_client_similarity(client, pics, reference):
@@ -95,9 +90,9 @@ def test_client_infer_auto_detects(client, pics, reference):
                    reference.zero_shot(img, LABELS))
     emb = client.infer(inputs="a photo of ceramic floor tiles")
     assert len(emb) == 1
-    assert _cos(emb[0]["embedding"], reference.text_embeds(["a photo of ceramic floor tiles"])[0]) > 0.9999
+    assert cosine(emb[0]["embedding"], reference.text_embeds(["a photo of ceramic floor tiles"])[0]) > 0.9999
     emb = client.infer(inputs=url, parameters={"mode": "image_embedding"})
-    assert _cos(emb[0]["embedding"], reference.image_embeds([img])[0]) > 0.9999
+    assert cosine(emb[0]["embedding"], reference.image_embeds([img])[0]) > 0.9999
 
 
 @pytest.mark.parametrize("call,expected", [

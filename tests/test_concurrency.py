@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import TOKENS, b64, encode, make_image
+from conftest import TOKENS, b64, cosine, encode, make_image
 from PIL import Image
 
 N_REQUESTS = 160
@@ -89,11 +89,6 @@ def _build_requests(pictures) -> tuple[list[dict], list[str]]:
     return calls, texts
 
 
-def _cos(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def _check(call: dict, result, img_ref: np.ndarray, txt_ref: dict[str, np.ndarray], scale: float,
            bias: float) -> None:
     mode = call["mode"]
@@ -103,7 +98,7 @@ def _check(call: dict, result, img_ref: np.ndarray, txt_ref: dict[str, np.ndarra
         assert len(result) == len(refs)
         for item, ref in zip(result, refs):
             assert len(item["embedding"]) == 32
-            assert _cos(item["embedding"], ref) > 0.9999
+            assert cosine(item["embedding"], ref) > 0.9999
     elif mode == "similarity":
         expected = np.stack([img_ref[i] for i in call["images"]]) @ np.stack([txt_ref[t] for t in call["texts"]]).T
         assert result["image_count"] == len(call["images"]) and result["text_count"] == len(call["texts"])
@@ -176,7 +171,7 @@ def test_concurrent_mixed_requests_each_get_their_own_answer(service, pictures, 
 def test_service_still_serves_after_the_burst(service, reference):
     r = service.post("/", {"inputs": ["after the burst"], "parameters": {"mode": "text_embedding"}})
     assert r.status_code == 200
-    assert _cos(r.json()[0]["embedding"], reference.text_embeds(["after the burst"])[0]) > 0.9999
+    assert cosine(r.json()[0]["embedding"], reference.text_embeds(["after the burst"])[0]) > 0.9999
     assert httpx.get(service.url + "/readyz", timeout=10).status_code == 200
 
 

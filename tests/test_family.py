@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import Reference, b64, cosine, encode, make_image, server_fixture
+from conftest import Reference, b64, cosine, cosine_rows, encode, make_image, server_fixture
 from PIL import Image
 from test_playground import add_files, open_page, playwright_driver, set_labels, shown_bars  # noqa: F401 (fixtures)
 
@@ -94,10 +94,6 @@ def embed_images(enc, images, max_num_patches: int | None = None) -> np.ndarray:
     return enc.encode_images(np.stack(prepared))
 
 
-def rows_cos(a, b) -> np.ndarray:
-    return (np.asarray(a) * np.asarray(b)).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 # -- what each checkpoint says about itself -------------------------------------------------------------------
 def test_spec_comes_from_the_checkpoint(encoders):
     info = {name: enc.info for name, enc in encoders.items()}
@@ -138,14 +134,14 @@ def test_text_parity(name, encoders, references):
     # SigLIP 1's tokenizer and NaFlex's Siglip2Tokenizer canonicalize by themselves: their processors get the raw,
     # cased, punctuated text; SigLIP 2 fixed-resolution was trained on lowercased text its tokenizer does not make.
     want = references[name].text_embeds(TEXTS, lower=CLASSES[name]["family"] == "siglip2")
-    assert rows_cos(got, want).min() > 0.99999
+    assert cosine_rows(got, want).min() > 0.99999
 
 
 @pytest.mark.parametrize("name", FIXED)
 def test_image_parity_fixed_resolution(name, encoders, references):
     images = [make_image(i, size=s) for i, s in enumerate(SIZES)]
     got = embed_images(encoders[name], images)
-    assert rows_cos(got, references[name].image_embeds(images)).min() > 0.9999
+    assert cosine_rows(got, references[name].image_embeds(images)).min() > 0.9999
 
 
 def test_siglip1_text_rules(encoders, references):
@@ -192,7 +188,7 @@ def test_naflex_parity_at_several_budgets(budget, encoders, references):
     # Explicit even for the default: Siglip2Processor's own call default is 256 whatever preprocessor_config.json
     # says (AutoImageProcessor, which the service reads, takes the file's 64); hub checkpoints say 256 in both.
     want = references["naflex"].image_embeds(images, max_num_patches=budget or 64)
-    assert rows_cos(got, want).min() > 0.9999
+    assert cosine_rows(got, want).min() > 0.9999
     grid = load_pixels(encode(images[2]), "x", spec_of(encoders["naflex"], budget), 10**9)
     assert isinstance(grid, PatchGrid) and grid.rows * grid.cols <= (budget or 64)
     assert grid.cols > grid.rows  # 300x100 keeps its aspect ratio
@@ -228,8 +224,8 @@ def test_openvino_serves_fixed_resolution_members(name, checkpoints, references,
     enc = load(checkpoints[name], backend="openvino", openvino_cache_dir=str(tmp_path))
     assert enc.info.backend == "openvino"
     images = [make_image(i, size=s) for i, s in enumerate(SIZES[:3])]
-    assert rows_cos(embed_images(enc, images), references[name].image_embeds(images)).min() > 0.9999
-    assert rows_cos(enc.encode_texts(TEXTS), references[name].text_embeds(TEXTS)).min() > 0.9999
+    assert cosine_rows(embed_images(enc, images), references[name].image_embeds(images)).min() > 0.9999
+    assert cosine_rows(enc.encode_texts(TEXTS), references[name].text_embeds(TEXTS)).min() > 0.9999
 
 
 def test_naflex_on_openvino_runs_torch_and_says_so(checkpoints, references, tmp_path, caplog):
@@ -337,10 +333,10 @@ def test_naflex_every_mode_over_http(naflex_service, references):
     wire = [b64(encode(im)) for im in images]
     got = naflex_service.post("/image_embedding", {"inputs": wire}).json()
     want = ref.image_embeds(images, max_num_patches=64)
-    assert rows_cos([r["embedding"] for r in got], want).min() > 0.9999
+    assert cosine_rows([r["embedding"] for r in got], want).min() > 0.9999
 
     texts = naflex_service.post("/", {"inputs": ["A Photo Of A Cat", "tile"]}).json()
-    assert rows_cos([r["embedding"] for r in texts], ref.text_embeds(["a photo of a cat", "tile"])).min() > 0.99999
+    assert cosine_rows([r["embedding"] for r in texts], ref.text_embeds(["a photo of a cat", "tile"])).min() > 0.99999
 
     sim = naflex_service.post("/similarity", {"inputs": {"images": wire, "texts": ["cat", "tile"]}}).json()
     np.testing.assert_allclose(sim["similarity_scores"], want @ ref.text_embeds(["cat", "tile"]).T, atol=1e-4)
@@ -378,7 +374,7 @@ def test_naflex_openai_usage_counts_real_patches(naflex_service, references):
     grids = [naflex_size(im.height, im.width, 16, 36) for im in images]
     assert resp.json()["usage"]["prompt_tokens"] == sum((h // 16) * (w // 16) for h, w in grids) == 27 + 36
     want = references["naflex"].image_embeds(images, max_num_patches=36)
-    assert rows_cos([d["embedding"] for d in resp.json()["data"]], want).min() > 0.9999
+    assert cosine_rows([d["embedding"] for d in resp.json()["data"]], want).min() > 0.9999
 
 
 def test_info_names_what_is_served(naflex_service, siglip1_service, checkpoints):
@@ -408,7 +404,7 @@ def test_siglip1_short_text_tower_over_http(siglip1_service, references):
     resp = siglip1_service.post("/v1/embeddings", {"model": "siglip1-16-tokens", "input": [TEXTS[-1], "a cat"]})
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert rows_cos([d["embedding"] for d in body["data"]], ref.text_embeds([TEXTS[-1], "a cat"])).min() > 0.99999
+    assert cosine_rows([d["embedding"] for d in body["data"]], ref.text_embeds([TEXTS[-1], "a cat"])).min() > 0.99999
     assert body["usage"]["prompt_tokens"] == 16 + siglip1_service.post(
         "/v1/embeddings", {"model": "siglip1-16-tokens", "input": "a cat"}).json()["usage"]["prompt_tokens"]
     fixed = siglip1_service.post("/image_embedding", {"inputs": b64(encode(make_image(1))),
@@ -454,7 +450,7 @@ def test_indexer_on_a_naflex_checkpoint(naflex_service, references, tmp_path, ca
     ids, _, vectors = contents(db)
     got = np.stack([vectors[ids.index(name)] for name in images])
     want = references["naflex"].image_embeds(list(images.values()), max_num_patches=64)
-    assert rows_cos(got, want).min() > 0.9999
+    assert cosine_rows(got, want).min() > 0.9999
 
 
 # Last in this module: its Playwright driver (module-scoped, sync API) keeps an event loop running in the main thread

@@ -22,6 +22,7 @@ from conftest import (
     ROOT,
     b64,
     child_env,
+    cosine_rows,
     encode,
     make_image,
     start_with_session,
@@ -49,10 +50,6 @@ def load_encoder(path, cache_dir, backend="openvino", dtype="float32"):
 
 def entries(cache_dir: Path) -> list[str]:
     return sorted(p.name for p in cache_dir.iterdir()) if cache_dir.exists() else []
-
-
-def cos_rows(a, b) -> np.ndarray:
-    return (np.asarray(a, np.float64) * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 @pytest.fixture(scope="module")
@@ -134,10 +131,10 @@ def test_dynamic_batch_rows_are_independent(ov_encoder, reference):
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
     for n in (1, 3):
         np.testing.assert_allclose(ov_encoder.encode_images(pixels[:n]), full[:n], atol=1e-5)
-    assert cos_rows(full, reference.image_embeds(imgs)).min() > 0.99999
+    assert cosine_rows(full, reference.image_embeds(imgs)).min() > 0.99999
     assert ov_encoder.encode_images(pixels[:0]).shape == (0, 32)
     texts = ov_encoder.encode_texts(TEXTS)
-    assert cos_rows(texts, reference.text_embeds(TEXTS)).min() > 0.99999
+    assert cosine_rows(texts, reference.text_embeds(TEXTS)).min() > 0.99999
     np.testing.assert_allclose(ov_encoder.encode_texts(TEXTS[1:2])[0], texts[1], atol=1e-5)
 
 
@@ -166,7 +163,7 @@ def test_forwarded_jpegs_on_openvino(tiny_checkpoint, cache_dir, reference):
     blobs = [encode(make_image(70 + i, size=(160, 120)), "JPEG", quality=95) for i in range(2)] + [b"not a jpeg"]
     out = enc.encode_jpegs([(b, 1) for b in blobs])
     want = reference.image_embeds([Image.open(io.BytesIO(b)) for b in blobs[:2]])
-    assert cos_rows(out[:2], want).min() > 0.9999
+    assert cosine_rows(out[:2], want).min() > 0.9999
     assert np.isnan(out[2]).all()
 
 
@@ -179,7 +176,7 @@ def test_bf16_hint_reports_what_openvino_runs(tiny_checkpoint, cache_dir, refere
     has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     assert enc.info.backend == "openvino"
     assert enc.info.dtype == ("bfloat16" if has_bf16 else "float32")
-    assert cos_rows(enc.encode_texts(TEXTS), reference.text_embeds(TEXTS)).min() > 0.9999
+    assert cosine_rows(enc.encode_texts(TEXTS), reference.text_embeds(TEXTS)).min() > 0.9999
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,7 +325,7 @@ def test_wrong_cached_model_fails_parity_and_torch_runs(tiny_checkpoint, other_c
     assert figure < ovb.PARITY_MIN_COSINE and "running torch" in record.getMessage()
     # torch really runs the other checkpoint: its embeddings are not the tiny checkpoint's
     got = enc.encode_texts(TEXTS)
-    assert cos_rows(got, reference.text_embeds(TEXTS)).max() < 0.999
+    assert cosine_rows(got, reference.text_embeds(TEXTS)).max() < 0.999
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
@@ -343,7 +340,7 @@ def test_unreadable_cache_entry_is_converted_again(tiny_checkpoint, tmp_path, re
         enc = load_encoder(tiny_checkpoint, tmp_path)
     assert "could not be read" in caplog.text and "converting it again" in caplog.text
     assert enc.info.backend == "openvino"
-    assert cos_rows(enc.encode_texts(TEXTS), reference.text_embeds(TEXTS)).min() > 0.9999
+    assert cosine_rows(enc.encode_texts(TEXTS), reference.text_embeds(TEXTS)).min() > 0.9999
     assert entries(tmp_path) == [key]  # the damaged copy is gone, the new entry in its place
     assert (tmp_path / key / "vision.xml").read_text() != "truncated"
 
@@ -379,17 +376,17 @@ def test_service_on_openvino_matches_reference(ov_service, reference):
     r = svc.post("/image_embedding", {"inputs": [b64(encode(im)) for im in imgs]})
     assert r.status_code == 200, r.text
     got = np.array([row["embedding"] for row in r.json()])
-    assert cos_rows(got, reference.image_embeds(imgs)).min() > 0.99999
+    assert cosine_rows(got, reference.image_embeds(imgs)).min() > 0.99999
     r = svc.post("/text_embedding", {"inputs": TEXTS[:3]})
     assert r.status_code == 200, r.text
     got = np.array([row["embedding"] for row in r.json()])
-    assert cos_rows(got, reference.text_embeds(TEXTS[:3])).min() > 0.99999
+    assert cosine_rows(got, reference.text_embeds(TEXTS[:3])).min() > 0.99999
     # concurrent single-image requests are batched together by BentoML: every answer is its own image's
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda im: svc.post("/image_embedding", {"inputs": b64(encode(im))}), imgs * 2))
     for im, r in zip(imgs * 2, answers):
         assert r.status_code == 200, r.text
-        assert cos_rows(np.array([r.json()[0]["embedding"]]), reference.image_embeds([im])).min() > 0.99999
+        assert cosine_rows(np.array([r.json()[0]["embedding"]]), reference.image_embeds([im])).min() > 0.99999
 
 
 def test_service_with_backend_torch(in_process, tmp_path):

@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import b64, encode, make_image
+from conftest import b64, cosine, encode, make_image
 from PIL import Image, ImageOps
 
 from siglip.api import scoring
@@ -70,11 +70,6 @@ def spec(torch_encoder) -> ImageSpec:
     return ImageSpec(info.image_height, info.image_width, resample=info.resample)
 
 
-def cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def text_features(reference, **tokenizer_kwargs_and_texts) -> np.ndarray:
     """Reference text embeddings of raw tokenizer output, optionally with the attention mask passed."""
     torch = reference.torch
@@ -119,7 +114,7 @@ def opened(data: bytes) -> Image.Image:
 def test_text_is_lowercased(encoder, reference, tokenizer):
     text = "A Photo Of A CAT"
     service = encoder.encode_texts([text])[0]
-    assert cos(service, reference.text_embeds([text.lower()])[0]) > 0.99999
+    assert cosine(service, reference.text_embeds([text.lower()])[0]) > 0.99999
 
     # the tokenizer itself does not lowercase: the raw text gives other ids and another embedding
     assert tokenize(tokenizer, [text], 64).tolist() == tokenize(tokenizer, [text.lower()], 64).tolist()
@@ -128,7 +123,7 @@ def test_text_is_lowercased(encoder, reference, tokenizer):
     assert raw_ids != lower_ids
     assert tokenize(tokenizer, [text], 64)[0].tolist() == lower_ids
     cased = text_features(reference, texts=[text], padding="max_length", max_length=64, truncation=True)[0]
-    assert cos(service, cased) < 0.999
+    assert cosine(service, cased) < 0.999
 
 
 def test_tokenize_pads_to_64_on_the_right_and_keeps_eos(tokenizer):
@@ -158,14 +153,14 @@ def test_text_embedding_is_batch_independent(encoder, reference):
     with_others = encoder.encode_texts(["Heat pump indoor unit", "a cat", "x"])[1]
     np.testing.assert_allclose(alone, with_long, atol=1e-5)
     np.testing.assert_allclose(alone, with_others, atol=1e-5)
-    assert cos(alone, reference.text_embeds(["a cat"])[0]) > 0.99999
+    assert cosine(alone, reference.text_embeds(["a cat"])[0]) > 0.99999
 
     # padding="longest" (what a generic pipeline does) gives a different, batch-dependent embedding
     longest_alone = text_features(reference, texts=["a cat"], padding="longest")[0]
     longest_batch = text_features(reference, texts=["a cat", "heat pump indoor unit outdoor unit"],
                                   padding="longest")[0]
-    assert cos(alone, longest_alone) < 0.999
-    assert cos(longest_alone, longest_batch) < 0.999
+    assert cosine(alone, longest_alone) < 0.999
+    assert cosine(longest_alone, longest_batch) < 0.999
 
 
 def test_no_attention_mask(encoder, reference, tokenizer):
@@ -178,8 +173,8 @@ def test_no_attention_mask(encoder, reference, tokenizer):
                             truncation=True)[0]
     masked = text_features(reference, texts=["a photo of a dog"], padding="max_length", max_length=64,
                            truncation=True, use_mask=True)[0]
-    assert cos(service, no_mask) > 0.99999
-    assert cos(service, masked) < 0.999
+    assert cosine(service, no_mask) > 0.99999
+    assert cosine(service, masked) < 0.999
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,8 +198,8 @@ def test_exif_orientation_is_applied(reference, spec, encoder):
     ignored = reference.processor(images=[opened(data).convert("RGB")], return_tensors="np")["pixel_values"][0]
     assert np.abs(service - ignored).mean() > 0.05
     e_service = encoder.encode_images(load_pixels(data, "x", spec, BIG)[None])[0]
-    assert cos(e_service, image_features(reference, ignored[None])[0]) < 0.9999
-    assert cos(e_service, image_features(reference, expected[None])[0]) > 0.99999
+    assert cosine(e_service, image_features(reference, ignored[None])[0]) < 0.9999
+    assert cosine(e_service, image_features(reference, expected[None])[0]) > 0.99999
 
 
 def _png_p(transparency: bool) -> bytes:
@@ -289,7 +284,7 @@ def test_resize_math_matches_processor_and_not_other_filters(reference, spec, en
     for resample in (Image.Resampling.NEAREST, Image.Resampling.BICUBIC):
         other = service_pixels(data, ImageSpec(spec.height, spec.width, resample=resample))
         assert np.abs(other - expected).max() > 0.1, resample
-        assert cos(image_features(reference, other[None])[0], e_ref) < 0.99999, resample
+        assert cosine(image_features(reference, other[None])[0], e_ref) < 0.99999, resample
 
     # centre-crop instead of squash also differs
     side = min(img.size)
@@ -315,9 +310,9 @@ def test_image_embeddings_match_reference(encoder, reference, spec):
     assert service.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(service, axis=1), 1.0, atol=1e-5)
     for i in range(len(imgs)):
-        assert cos(service[i], expected[i]) > 0.99999, i
+        assert cosine(service[i], expected[i]) > 0.99999, i
     # the images are distinguishable, so the agreement above means something
-    assert cos(service[0], service[1]) < 0.9999
+    assert cosine(service[0], service[1]) < 0.9999
     # batch independence for images too
     np.testing.assert_allclose(encoder.encode_images(pixels[2:3])[0], service[2], atol=1e-5)
 
@@ -328,8 +323,8 @@ def test_text_embeddings_match_reference(encoder, reference):
     assert service.shape == (len(TEXTS), encoder.info.embed_dim) and service.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(service, axis=1), 1.0, atol=1e-5)
     for i in range(len(TEXTS)):
-        assert cos(service[i], expected[i]) > 0.99999, TEXTS[i]
-    assert cos(service[0], service[1]) < 0.9999
+        assert cosine(service[i], expected[i]) > 0.99999, TEXTS[i]
+    assert cosine(service[0], service[1]) < 0.9999
 
 
 def test_zero_shot_softmax_and_sigmoid_match_reference(encoder, reference, spec):
@@ -416,8 +411,8 @@ def test_default_template_is_applied(encoder, reference):
     templated = reference.text_embeds(["This is a photo of cat.", "This is a photo of wood floor."])
     bare = reference.text_embeds(["cat", "wood floor"])
     for i in range(2):
-        assert cos(used[i], templated[i]) > 0.99999
-        assert cos(used[i], bare[i]) < 0.999
+        assert cosine(used[i], templated[i]) > 0.99999
+        assert cosine(used[i], bare[i]) < 0.999
 
 
 def test_custom_template_changes_text_embeddings(encoder, reference):
@@ -430,8 +425,8 @@ def test_custom_template_changes_text_embeddings(encoder, reference):
     e_default = encoder.encode_texts(list(default.texts))
     e_custom = encoder.encode_texts(list(custom.texts))
     for i in range(2):
-        assert cos(e_custom[i], e_default[i]) < 0.999
-        assert cos(e_custom[i], reference.text_embeds([f"a drawing of a {labels[i]}"])[0]) > 0.99999
+        assert cosine(e_custom[i], e_default[i]) < 0.999
+        assert cosine(e_custom[i], reference.text_embeds([f"a drawing of a {labels[i]}"])[0]) > 0.99999
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,4 +441,4 @@ def test_bf16_close_to_fp32(encoder, encoder_bf16, spec):
     assert img16.dtype == np.float32 and txt16.dtype == np.float32  # returned as fp32
     np.testing.assert_allclose(np.linalg.norm(img16, axis=1), 1.0, atol=1e-5)
     for a, b in [*zip(img32, img16), *zip(txt32, txt16)]:
-        assert cos(a, b) > 0.9999
+        assert cosine(a, b) > 0.9999

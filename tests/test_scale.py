@@ -28,6 +28,7 @@ from conftest import (
     ROOT,
     can_isolate,
     child_env,
+    cosine_rows,
     encode,
     loopback_namespace,
     make_image,
@@ -47,10 +48,6 @@ pytest.importorskip("ray.data", reason=f"the ray engine needs the [scale] extra:
 pytest.importorskip("lance", reason=f"the ray engine needs the [scale] extra: {raydata.EXTRA}")
 
 BUILD_TIMEOUT_S = 300  # a whole ray build of a few images takes ~15 s here; this only bounds a hang
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import TOKENS, ImageServer, b64, encode, free_port, make_image
+from conftest import TOKENS, ImageServer, b64, cosine_rows, encode, free_port, make_image
 from PIL import Image, ImageOps
 from pydantic import ValidationError
 
@@ -135,11 +135,6 @@ def pics(tmp_path_factory, image_server) -> Pictures:
     return Pictures(tmp_path_factory.mktemp("client-pics"), image_server)
 
 
-def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
 def _assert_ranking(result, expected, k: int | None = None) -> None:
     assert all(isinstance(x, LabelScore) for x in result)
     want = expected[:k] if k else expected
@@ -163,7 +158,7 @@ def test_image_embedding_batch_of_every_kind_keeps_order(client, pics, reference
     images, seen = zip(*(pics.kind(k) for k in KINDS))
     emb = client.image_embedding(list(images))
     assert emb.dtype == np.float32 and emb.shape == (len(KINDS), EMBED_DIM)
-    cos = _cos_rows(emb, reference.image_embeds(list(seen)))
+    cos = cosine_rows(emb, reference.image_embeds(list(seen)))
     assert (cos > COS_MIN).all(), dict(zip(KINDS, cos.round(6)))
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
@@ -172,7 +167,7 @@ def test_image_embedding_of_one_image_is_2d(client, pics, reference):
     image, seen = pics.kind("pathlib")
     emb = client.image_embedding(image)
     assert emb.shape == (1, EMBED_DIM) and emb.dtype == np.float32
-    assert _cos_rows(emb, reference.image_embeds([seen]))[0] > COS_MIN
+    assert cosine_rows(emb, reference.image_embeds([seen]))[0] > COS_MIN
     assert client.image_embedding((image,)).shape == (1, EMBED_DIM)  # a tuple is a batch too
 
 
@@ -199,10 +194,10 @@ def test_label_scores_are_frozen(client, pics):
 def test_text_embedding(client, reference):
     emb = client.text_embedding(TEXTS)
     assert emb.dtype == np.float32 and emb.shape == (3, EMBED_DIM)
-    assert (_cos_rows(emb, reference.text_embeds(TEXTS)) > COS_MIN).all()
+    assert (cosine_rows(emb, reference.text_embeds(TEXTS)) > COS_MIN).all()
     one = client.text_embedding("a photo of ceramic floor tiles")
     assert one.shape == (1, EMBED_DIM)
-    assert _cos_rows(one, reference.text_embeds(["a photo of ceramic floor tiles"]))[0] > COS_MIN
+    assert cosine_rows(one, reference.text_embeds(["a photo of ceramic floor tiles"]))[0] > COS_MIN
     assert client.text_embedding(tuple(TEXTS)).shape == (3, EMBED_DIM)
 
 
@@ -226,9 +221,9 @@ def test_pil_image_keeps_its_exif_orientation(client, tmp_path, reference):
     pil = Image.open(path)
     upright = ImageOps.exif_transpose(_open(path.read_bytes()))
     unrotated = Image.fromarray(np.asarray(_open(path.read_bytes())))  # the pixels without the EXIF tag
-    assert _cos_rows(reference.image_embeds([unrotated]), reference.image_embeds([upright]))[0] < 0.999
+    assert cosine_rows(reference.image_embeds([unrotated]), reference.image_embeds([upright]))[0] < 0.999
     emb = client.image_embedding([path, pil])
-    assert (_cos_rows(emb, reference.image_embeds([upright, upright])) > COS_MIN).all()
+    assert (cosine_rows(emb, reference.image_embeds([upright, upright])) > COS_MIN).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,7 +250,7 @@ def test_local_images_as_forms_answer_as_json_does(client, pics):
     local = [pics.jpeg_path, pics.jpeg, pil]
     as_json = [b64(pics.jpeg), b64(pics.jpeg), b64(encode_pil(pil))]  # base64 strings keep the JSON path
     emb = client.image_embedding(local)
-    assert emb.shape == (3, EMBED_DIM) and (_cos_rows(emb, client.image_embedding(as_json)) > COS_MIN).all()
+    assert emb.shape == (3, EMBED_DIM) and (cosine_rows(emb, client.image_embedding(as_json)) > COS_MIN).all()
     one = client.zero_shot(local[0], LABELS)
     _assert_ranking(one, [(x.label, x.score) for x in client.zero_shot(as_json[0], LABELS)])
     batch_of_one = client.zero_shot([local[1]], LABELS)
@@ -585,7 +580,7 @@ def test_async_client_runs_calls_concurrently(service, loop, reference):
     results = loop.run_until_complete(run())
     emb = np.concatenate(results)
     assert emb.shape == (12, EMBED_DIM)
-    assert (_cos_rows(emb, reference.text_embeds(texts)) > COS_MIN).all()
+    assert (cosine_rows(emb, reference.text_embeds(texts)) > COS_MIN).all()
 
 
 def test_sync_client_is_thread_safe(service, reference):
@@ -594,4 +589,4 @@ def test_sync_client_is_thread_safe(service, reference):
     texts = [f"tile {i}" for i in range(8)]
     with SiglipClient(service.url) as c, ThreadPoolExecutor(4) as pool:
         emb = np.concatenate(list(pool.map(c.text_embedding, texts)))
-    assert (_cos_rows(emb, reference.text_embeds(texts)) > COS_MIN).all()
+    assert (cosine_rows(emb, reference.text_embeds(texts)) > COS_MIN).all()
