@@ -375,9 +375,10 @@ _FIRST_USE: list[str] = []  # profile names in the order the selected tests firs
 def server_fixture(name: str, *, scope: str = "module", ready: bool = True, doc: str = "",
                    **env: str | Callable[[pytest.TempPathFactory], str]):
     """A fixture ``name`` serving a real server with these SIGLIP_* settings (the tiny checkpoint unless
-    SIGLIP_MODEL is set; a value may be a function of ``tmp_path_factory``, called when the server starts). Declared at module level: the session then knows, before any test runs, which profiles
-    the selected tests use and in which order, and starts the next one in the background when one is handed
-    over. A start costs ~7 s here, mostly one core importing torch, so it overlaps the tests before it."""
+    SIGLIP_MODEL is set; a value may be a function of ``tmp_path_factory``, called when the server starts).
+    Declared at module level: the session then knows, before any test runs, which profiles the selected tests use
+    and in which order, and starts the next one in the background when one is handed over. A start costs ~7 s
+    here, mostly one core importing torch, so it overlaps the tests before it."""
     if name in PROFILES:
         raise ValueError(f"server profile {name!r} is declared twice")
     profile = PROFILES[name] = Profile(name, tuple(env.items()), ready)
@@ -391,7 +392,7 @@ def server_fixture(name: str, *, scope: str = "module", ready: bool = True, doc:
 
 
 def pytest_collection_finish(session) -> None:
-    """(After every reordering and deselection: -k, -m, --lf, --ff.)"""
+    """The profiles' first-use order, from the final selection (after -k, -m, --lf and --ff drop or reorder)."""
     _FIRST_USE.clear()
     for item in session.items:
         for name in getattr(item, "fixturenames", ()):  # the closure: fixtures asked for through others too
