@@ -52,7 +52,16 @@ BUILD_TIMEOUT_S = 300  # a whole ray build of a few images takes ~15 s here; thi
 
 @pytest.fixture(scope="module")
 def model_env(tiny_checkpoint) -> dict[str, str]:
+    return model_settings(tiny_checkpoint)
+
+
+def model_settings(tiny_checkpoint: Path) -> dict[str, str]:
     return {"SIGLIP_MODEL": str(tiny_checkpoint), "SIGLIP_DTYPE": "float32"}  # as the service fixture runs
+
+
+def without_ray_settings() -> dict[str, str]:
+    """``child_env()`` without RAY_* variables (a cluster address would change what ``import_ray`` sets up)."""
+    return {k: v for k, v in child_env().items() if not k.startswith("RAY_")}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +184,7 @@ def test_a_local_cluster_is_set_up_to_stay_on_loopback():
              "import_ray(local=starts_local(os.environ.get('ADDR'))); "
              "import ray._private.ray_constants as c; print(c.ENABLE_RAY_CLUSTER, os.environ.get("
              "'RAY_USAGE_STATS_ENABLED'))")
-    env = {k: v for k, v in child_env().items() if not k.startswith("RAY_")}
+    env = without_ray_settings()
     local = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert local.stdout.split() == ["False", "0"], local.stderr
     remote = subprocess.run([sys.executable, "-c", probe], env={**env, "ADDR": "ray://head:10001"},
@@ -222,8 +231,7 @@ def isolated(*command: str) -> list[str]:
 
 
 def ray_environment(tiny_checkpoint: Path) -> dict[str, str]:
-    env = {k: v for k, v in child_env().items() if not k.startswith("RAY_")}
-    return {**env, "SIGLIP_MODEL": str(tiny_checkpoint), "SIGLIP_DTYPE": "float32", "BENTOML_DO_NOT_TRACK": "True",
+    return {**without_ray_settings(), **model_settings(tiny_checkpoint), "BENTOML_DO_NOT_TRACK": "True",
             "PYTHONUNBUFFERED": "1"}
 
 
@@ -233,7 +241,7 @@ class RayRun:
     stall it), read once it has exited. The deadline counts from when a test starts waiting on it."""
 
     def __init__(self, name: str, command: list[str], env: dict, workdir: Path, cwd: Path = ROOT):
-        self.name, self.out, self.err = name, workdir / f"{name}.out", workdir / f"{name}.err"
+        self.name, self.workdir, self.out, self.err = name, workdir, workdir / f"{name}.out", workdir / f"{name}.err"
         # Slowed down on purpose while the tests in front run: Ray must not give up on its own processes.
         env = {**env, "RAY_health_check_failure_threshold": "1000", "RAY_worker_register_timeout_seconds": "600",
                "RAY_gcs_server_port_wait_time_s": "600"}
@@ -434,13 +442,13 @@ def ray_run(request):
     run.kill()
 
 
-def test_ray_build_equals_the_service_and_the_local_engine(ray_run, odd_folder, service, service_vectors,
-                                                            tiny_checkpoint, monkeypatch, tmp_path):
+def test_ray_build_equals_the_service_and_the_local_engine(ray_run, odd_folder, service, service_vectors, model_env,
+                                                            monkeypatch, tmp_path):
     """A folder with EXIF-rotated, CMYK, palette and corrupt images, two actors on this 2-CPU machine (the fit that
     keeps Ray from hanging): the service's vectors, the corrupt file in the failures table with the service's
     error, the local engine's fingerprint; then finalize leaves a table the service's queries search."""
     rc, summary, err = ray_run.summary()
-    db = ray_run.out.parent / "db"
+    db = ray_run.workdir / "db"
     assert rc == 3, err[-4000:]
     assert summary["added"] == 4 and summary["shards_done"] == summary["shards"] == 3
     assert [(f["id"], f["status"]) for f in summary["failed"]] == [(BROKEN, 400)]
@@ -449,7 +457,7 @@ def test_ray_build_equals_the_service_and_the_local_engine(ray_run, odd_folder, 
     assert sorted(ids) == sorted(service_vectors)
     assert cosine_rows(vectors, np.stack([service_vectors[i] for i in ids])).min() >= 0.9999
 
-    for name, value in {"SIGLIP_MODEL": str(tiny_checkpoint), "SIGLIP_DTYPE": "float32"}.items():
+    for name, value in model_env.items():
         monkeypatch.setenv(name, value)
     local_db = tmp_path / "local"
     rc, _ = cli_json("build", odd_folder, "--db", local_db, "--engine", "local", "--quiet")
@@ -469,7 +477,7 @@ def test_ray_build_equals_the_service_and_the_local_engine(ray_run, odd_folder, 
 
 def test_a_table_of_another_model_is_refused(ray_run):
     rc, summary, err = ray_run.summary()
-    db = ray_run.out.parent / "db"
+    db = ray_run.workdir / "db"
     assert rc == 1 and summary["added"] == 0 and count(db) == 4, err[-4000:]
     assert ("holds embeddings of tiny-siglip (SigLIP 2, 64x64, 32-dim), but this build uses other-siglip (SigLIP 2, "
             "48x48, 32-dim)") in summary["error"]
@@ -508,7 +516,7 @@ def test_the_readme_python_api_example_runs_as_written(ray_run, service_vectors)
     """docs/indexer.md's example over a Parquet manifest of ids and image bytes gives the service's vectors."""
     rc, _, err = ray_run.wait()
     assert rc == 0, err[-4000:]
-    out = pa.parquet.read_table(ray_run.out.parent / "embeddings").to_pylist()
+    out = pa.parquet.read_table(ray_run.workdir / "embeddings").to_pylist()
     got = {r["id"]: r for r in out}
     assert sorted(got) == sorted(service_vectors)  # the corrupt image is filtered out by the example
     for name, vector in service_vectors.items():
